@@ -1,0 +1,90 @@
+"""tailscale-egress: pods that reach the internet only through a Tailscale exit node.
+
+  protected namespaces --(proxy)--> relay --(tailnet)--> exit node VM --> internet
+"""
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from builders.names import StackNames
+from builders.network_policies import pinned_destinations
+from builders.proxy_env import proxy_environment
+from builders.relay import PROXY_PORTS, relay_host
+from components.egress_relay import EgressRelay, EgressRelayArgs
+from components.exit_node import HetznerExitNode, HetznerExitNodeArgs
+from components.exit_node_approval import ExitNodeApproval
+from components.protected_namespace import ProtectedNamespace, ProtectedNamespaceArgs
+from components.tailnet_access import TailnetAccess, TailnetAccessArgs
+from config import load_config
+from preflight import check_environment, check_tailnet_policy
+
+# 1. Configuration and preflight: every problem is reported before anything is created.
+cfg = load_config()
+check_environment(cfg)
+current_policy = check_tailnet_policy(cfg)
+names = StackNames.for_stack(pulumi.get_project(), pulumi.get_stack())
+
+# 2. Tailnet access: auth keys (and the policy file, when the stack manages it).
+tailnet = TailnetAccess(
+    "tailnet",
+    TailnetAccessArgs(cfg.tailnet, names, needs_exit_node_key=cfg.exit_node.managed, current_policy=current_policy),
+)
+
+# 3. Exit node: a Hetzner VM, joined and approved as code; or one you bring.
+if cfg.exit_node.managed:
+    assert tailnet.exit_node_auth_key is not None and tailnet.exit_node_key_id is not None
+    vm = HetznerExitNode(
+        "exit-node", HetznerExitNodeArgs(cfg.exit_node, names, tailnet.exit_node_auth_key, tailnet.exit_node_key_id)
+    )
+    approval = ExitNodeApproval("exit-node-approval", vm.hostname, pulumi.ResourceOptions(depends_on=[vm]))
+    exit_hostname, exit_tailnet_ip, exit_public_ips = vm.hostname, approval.tailnet_ip, vm.public_ips
+else:
+    exit_hostname = pulumi.Output.from_input("(your own exit node)")
+    exit_tailnet_ip = pulumi.Output.from_input(str(cfg.exit_node.existing_tailnet_ip))
+    exit_public_ips = pulumi.Output.from_input(cfg.exit_node.existing_public_ips)
+
+# 4. Protected namespaces: their policies exist before the relay starts.
+cluster = k8s.Provider("cluster", context=cfg.cluster.context, kubeconfig=cfg.cluster.kubeconfig)
+in_cluster = pulumi.ResourceOptions(provider=cluster)
+relay_address = relay_host(cfg.cluster.relay_namespace, cfg.cluster.cluster_domain)
+proxy_env = proxy_environment(relay_address, cfg.cluster.pod_cidr, cfg.cluster.service_cidr, cfg.cluster.cluster_domain)
+protected = [
+    ProtectedNamespace(
+        f"protected-{ns.name}",
+        ProtectedNamespaceArgs(ns, cfg.cluster.relay_namespace, PROXY_PORTS, proxy_env),
+        in_cluster,
+    )
+    for ns in cfg.cluster.protected_namespaces
+]
+
+# 5. The relay: SOCKS5 and HTTP CONNECT proxies into the tailnet, via the exit node.
+pinned = exit_public_ips.apply(
+    lambda ips: pinned_destinations(ips, cfg.tailnet.login_server_address, cfg.tailnet.control_plane_cidrs)
+)
+relay = EgressRelay(
+    "relay",
+    EgressRelayArgs(
+        cluster=cfg.cluster,
+        hostname=names.relay_hostname,
+        auth_key=tailnet.relay_auth_key,
+        exit_node_ip=exit_tailnet_ip,
+        pinned_destinations=pinned,
+        protected_namespaces=[ns.name for ns in cfg.cluster.protected_namespaces],
+        login_server=cfg.tailnet.login_server,
+    ),
+    pulumi.ResourceOptions(provider=cluster, depends_on=protected),
+)
+
+# 6. Outputs: nothing secret.
+pulumi.export("exitNodeHostname", exit_hostname)
+pulumi.export("exitNodeTailnetIp", exit_tailnet_ip)
+pulumi.export("exitNodePublicIps", exit_public_ips)
+pulumi.export("relayHttpProxy", relay.http_proxy)
+pulumi.export("relaySocksProxy", relay.socks_proxy)
+pulumi.export("relayEgress", pinned.apply(lambda p: "pinned to the exit node and control server" if p else "public internet"))
+pulumi.export("protectedNamespaces", [ns.name for ns in cfg.cluster.protected_namespaces])
+pulumi.export(
+    "usage",
+    "add to a container: envFrom: [{configMapRef: {name: tailscale-egress-proxy}}]"
+    " (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY)",
+)

@@ -1,0 +1,61 @@
+"""Stack-scoped names, so many developer stacks share one tailnet and one
+Hetzner project without colliding."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+
+
+def dns_label(text: str, max_length: int = 63) -> str:
+    """Lower-case `text` into an RFC 1123 label (letters, digits, inner hyphens)."""
+    label = _NOT_DNS.sub("-", text.lower()).strip("-")
+    return label[:max_length].rstrip("-") or "x"
+
+
+@dataclass(frozen=True)
+class StackNames:
+    """Every name the stack gives to something outside Kubernetes namespaces.
+
+    `prefix` carries the stack name plus a short hash of the exact project and
+    stack names, so two stacks whose names differ only in characters a DNS
+    label cannot hold ("Alice" and "alice", "a.b" and "a-b") still differ.
+    """
+
+    prefix: str
+
+    @classmethod
+    def for_stack(cls, project: str, stack: str) -> StackNames:
+        digest = hashlib.sha256(f"{project}/{stack}".encode()).hexdigest()[:6]
+        return cls(prefix=f"te-{dns_label(stack, 30)}-{digest}")
+
+    def exit_node_hostname(self, generation: str) -> str:
+        """Hostname of one exit node VM generation.
+
+        `generation` changes whenever the VM is replaced (it is derived from
+        the auth key that the VM's user_data carries), so a stale device of an
+        earlier VM never has the name the stack waits for.
+        """
+        # Tailscale key IDs end in a constant "CNTRL"; the part before it varies.
+        unique = dns_label(generation).removesuffix("cntrl").rstrip("-")[-8:]
+        return dns_label(f"{self.prefix}-exit-{unique}")
+
+    @property
+    def relay_hostname(self) -> str:
+        return dns_label(f"{self.prefix}-relay")
+
+    @property
+    def firewall(self) -> str:
+        return dns_label(f"{self.prefix}-exit")
+
+    def key_description(self, role: str) -> str:
+        # Tailscale allows only alphanumerics, spaces and hyphens here.
+        return f"{self.prefix} {role}"[:50]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Hetzner labels that say which stack owns a server or firewall."""
+        return {"managed-by": "tailscale-egress", "stack": self.prefix}

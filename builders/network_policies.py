@@ -1,0 +1,174 @@
+"""NetworkPolicies: who may talk to whom.
+
+Each policy names its `policyTypes` explicitly: a policy that leaves them out
+and has egress rules also isolates ingress, which is never what we mean here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from builders.kube import (
+    DNS_NAMESPACE,
+    KUBE_DNS_LABELS,
+    NAMESPACE_NAME_LABEL,
+    RELAY_LABELS,
+    Manifest,
+    metadata,
+)
+from builders.networks import NON_PUBLIC_IPV4, NON_PUBLIC_IPV6, STUN_PORT, WIREGUARD_PORT, host_cidr
+
+Protocol = Literal["TCP", "UDP"]
+
+
+@dataclass(frozen=True)
+class Destination:
+    """An address block the relay may reach, on one protocol and port."""
+
+    cidr: str
+    protocol: Protocol
+    port: int
+
+
+def network_policy(
+    name: str,
+    namespace: str,
+    pod_labels: dict[str, str] | None,
+    *,
+    ingress: list[Manifest] | None = None,
+    egress: list[Manifest] | None = None,
+) -> Manifest:
+    """A policy selecting the pods with `pod_labels` (all pods when None).
+
+    A direction passed as [] isolates that direction entirely; one passed as
+    None is not governed by this policy.
+    """
+    types = [t for t, rules in (("Ingress", ingress), ("Egress", egress)) if rules is not None]
+    spec: Manifest = {"podSelector": {"matchLabels": pod_labels} if pod_labels else {}, "policyTypes": types}
+    if ingress is not None:
+        spec["ingress"] = ingress
+    if egress is not None:
+        spec["egress"] = egress
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(name, namespace),
+        "spec": spec,
+    }
+
+
+def ports(protocol: Protocol, *numbers: int) -> list[Manifest]:
+    return [{"protocol": protocol, "port": n} for n in numbers]
+
+
+def pods_in(namespace: str, labels: dict[str, str]) -> Manifest:
+    return {
+        "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}},
+        "podSelector": {"matchLabels": labels},
+    }
+
+
+def dns_rule() -> Manifest:
+    """Egress to the cluster's DNS pods (CoreDNS, label k8s-app=kube-dns)."""
+    return {"to": [pods_in(DNS_NAMESPACE, KUBE_DNS_LABELS)], "ports": ports("UDP", 53) + ports("TCP", 53)}
+
+
+def protected_namespace_policy(namespace: str, relay_namespace: str, relay_ports: Sequence[int]) -> Manifest:
+    """Default-deny egress for every pod of a protected namespace.
+
+    Allowed: the relay's proxy ports, cluster DNS, and pods of the same
+    namespace. Everything else (the internet directly, the host, the LAN,
+    cloud metadata, other namespaces) is denied.
+    """
+    return network_policy(
+        "tailscale-egress-only-via-relay",
+        namespace,
+        None,
+        egress=[
+            {"to": [pods_in(relay_namespace, RELAY_LABELS)], "ports": ports("TCP", *relay_ports)},
+            dns_rule(),
+            {"to": [{"podSelector": {}}]},
+        ],
+    )
+
+
+def relay_namespace_default_deny(namespace: str) -> Manifest:
+    """Anything else in the relay's namespace talks to nobody, either way."""
+    return network_policy("default-deny", namespace, None, ingress=[], egress=[])
+
+
+def relay_ingress_policy(namespace: str, protected_namespaces: Iterable[str], relay_ports: Sequence[int]) -> Manifest:
+    """Only pods of protected namespaces reach the relay, and only its proxy ports."""
+    return network_policy(
+        "relay-ingress",
+        namespace,
+        RELAY_LABELS,
+        ingress=[
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {
+                            "matchExpressions": [
+                                {
+                                    "key": NAMESPACE_NAME_LABEL,
+                                    "operator": "In",
+                                    "values": sorted(protected_namespaces),
+                                }
+                            ]
+                        }
+                    }
+                ],
+                "ports": ports("TCP", *relay_ports),
+            }
+        ],
+    )
+
+
+def relay_egress_policy(namespace: str, pinned: Sequence[Destination] | None) -> Manifest:
+    """The relay's way out.
+
+    `pinned` given: only those destinations (the exit node's WireGuard port and
+    the control server), so a proxy request that tailscaled would dial
+    directly, as it does while its exit node is unresolvable, finds no route.
+    `pinned` None: any public address, never a private, link-local, CGNAT,
+    loopback, multicast or metadata one.
+    """
+    if pinned is None:
+        reach = [
+            {
+                "to": [
+                    {"ipBlock": {"cidr": "0.0.0.0/0", "except": list(NON_PUBLIC_IPV4)}},
+                    {"ipBlock": {"cidr": "::/0", "except": list(NON_PUBLIC_IPV6)}},
+                ]
+            }
+        ]
+    else:
+        reach = [
+            {"to": [{"ipBlock": {"cidr": d.cidr}}], "ports": ports(d.protocol, d.port)}
+            for d in sorted(set(pinned), key=lambda d: (d.cidr, d.protocol, d.port))
+        ]
+    return network_policy("relay-egress", namespace, RELAY_LABELS, egress=[dns_rule(), *reach])
+
+
+def pinned_destinations(
+    exit_node_public_ips: Sequence[str],
+    login_server_address: tuple[str, int] | None,
+    control_plane_cidrs: Sequence[str],
+) -> list[Destination] | None:
+    """Everything the relay must reach when every address of it is known:
+    the exit node's WireGuard port, and the control server (its HTTPS/HTTP
+    port, and STUN for the DERP server it embeds). None when an address is
+    unknown (Tailscale's own control plane has no fixed addresses unless
+    `tailnet.controlPlaneCidrs` lists them): the relay then gets the public
+    internet instead."""
+    control: list[Destination] = []
+    if login_server_address is not None:
+        ip, port = login_server_address
+        control += [Destination(host_cidr(ip), "TCP", port), Destination(host_cidr(ip), "UDP", STUN_PORT)]
+    for cidr in control_plane_cidrs:
+        control += [Destination(cidr, "TCP", 443), Destination(cidr, "TCP", 80), Destination(cidr, "UDP", STUN_PORT)]
+    if not exit_node_public_ips or not control:
+        return None
+    return control + [Destination(host_cidr(ip), "UDP", WIREGUARD_PORT) for ip in exit_node_public_ips]

@@ -1,0 +1,180 @@
+"""The relay: the upstream tailscale image's containerboot in userspace mode,
+serving SOCKS5 and HTTP CONNECT proxies whose traffic leaves through the exit
+node. Runs as non-root with nothing but RuntimeDefault seccomp: it passes Pod
+Security `restricted`."""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+from dataclasses import dataclass
+from typing import Final
+
+from builders.kube import RELAY_LABELS, Manifest, metadata
+
+SOCKS5_PORT: Final = 1080
+HTTP_PROXY_PORT: Final = 3128
+HEALTH_PORT: Final = 9002
+PROXY_PORTS: Final = (SOCKS5_PORT, HTTP_PROXY_PORT)
+SOCKET: Final = "/tmp/tailscaled.sock"
+RELAY_NAME: Final = "relay"
+AUTH_SECRET_KEY: Final = "authkey"
+RUN_AS: Final = 65532  # an unprivileged uid, as distroless images use
+BOOT_TIMEOUT_SECONDS: Final = 60
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    namespace: str
+    image: str
+    replicas: int
+    hostname: str
+    exit_node_ip: str
+    auth_secret_name: str
+    login_server: str | None = None
+
+
+def readiness_script(exit_node_ip: str) -> str:
+    """A POSIX sh + awk check, true only while tailscaled is Running and the
+    peer at `exit_node_ip` is the selected exit node, is online, and may be an
+    exit node (its exit routes are approved).
+
+    It reads `tailscale status --json` (pretty-printed with two-space indents:
+    peers at depth 4, their fields at depth 6).
+    """
+    ip = str(ipaddress.ip_address(exit_node_ip))
+    awk = (
+        '/^  "BackendState": "Running",/ { running = 1 } '
+        '/^    "[^"]+": \\{$/ { exit_node = option = online = ip = 0 } '
+        '/^      "ExitNode": true,/ { exit_node = 1 } '
+        '/^      "ExitNodeOption": true,/ { option = 1 } '
+        '/^      "Online": true,/ { online = 1 } '
+        'index($0, "\\"" want "\\"") { ip = 1 } '
+        "/^    \\},?$/ { if (exit_node && option && online && ip) ok = 1 } "
+        "END { exit !(running && ok) }"
+    )
+    return f"tailscale --socket={SOCKET} status --json | awk -v want={shlex.quote(ip)} {shlex.quote(awk)}"
+
+
+def relay_environment(s: RelaySettings) -> list[Manifest]:
+    """containerboot's settings (TS_* variables), in the order a reader expects."""
+    up_args = [f"--exit-node={s.exit_node_ip}", "--exit-node-allow-lan-access=false"]
+    if s.login_server:
+        up_args.append(f"--login-server={s.login_server}")
+    plain = {
+        "TS_USERSPACE": "true",
+        # In-memory state: the node is ephemeral, logs out on shutdown, and the
+        # pod needs no Kubernetes API access.
+        "TS_KUBE_SECRET": "",
+        "TS_HOSTNAME": s.hostname,
+        "TS_SOCKS5_SERVER": f":{SOCKS5_PORT}",
+        "TS_OUTBOUND_HTTP_PROXY_LISTEN": f":{HTTP_PROXY_PORT}",
+        "TS_EXTRA_ARGS": " ".join(up_args),
+        "TS_ACCEPT_DNS": "false",
+        # TS_AUTH_ONCE=true would skip `tailscale up`, and so --exit-node, on restarts.
+        "TS_AUTH_ONCE": "false",
+        "TS_ENABLE_HEALTH_CHECK": "true",
+        "TS_LOCAL_ADDR_PORT": f"[::]:{HEALTH_PORT}",
+        "TS_SOCKET": SOCKET,
+        "TS_BOOT_TIMEOUT": f"{BOOT_TIMEOUT_SECONDS}s",
+        "TS_NO_LOGS_NO_SUPPORT": "true",
+    }
+    auth = {
+        "name": "TS_AUTHKEY",
+        "valueFrom": {"secretKeyRef": {"name": s.auth_secret_name, "key": AUTH_SECRET_KEY}},
+    }
+    return [auth, *({"name": k, "value": v} for k, v in plain.items())]
+
+
+def relay_container(s: RelaySettings) -> Manifest:
+    health = {"httpGet": {"path": "/healthz", "port": HEALTH_PORT}}
+    return {
+        "name": "tailscale",
+        "image": s.image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": relay_environment(s),
+        "ports": [
+            {"name": "socks5", "containerPort": SOCKS5_PORT, "protocol": "TCP"},
+            {"name": "http-proxy", "containerPort": HTTP_PROXY_PORT, "protocol": "TCP"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "resources": {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"cpu": "1", "memory": "256Mi"},
+        },
+        # Up (has a tailnet IP) within the boot timeout, or restarted.
+        "startupProbe": {**health, "periodSeconds": 2, "failureThreshold": BOOT_TIMEOUT_SECONDS // 2 + 15},
+        # Alive while tailscaled is up; an exit node that restarts is no
+        # reason to restart the relay (traffic resumes by itself).
+        "livenessProbe": {**health, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3},
+        # Ready (receives Service traffic) only while its exit node is online,
+        # selected and approved.
+        "readinessProbe": {
+            "exec": {"command": ["/bin/sh", "-c", readiness_script(s.exit_node_ip)]},
+            "periodSeconds": 5,
+            "timeoutSeconds": 4,
+            "failureThreshold": 1,
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+
+
+def relay_deployment(s: RelaySettings) -> Manifest:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(RELAY_NAME, s.namespace, RELAY_LABELS),
+        "spec": {
+            "replicas": s.replicas,
+            "selector": {"matchLabels": RELAY_LABELS},
+            # A new relay takes over only once it is Ready (its exit node online).
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": {**metadata(RELAY_NAME, labels=RELAY_LABELS)["labels"]}},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RUN_AS,
+                        "runAsGroup": RUN_AS,
+                        "fsGroup": RUN_AS,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    # Lets tailscaled log out (remove its ephemeral node) on SIGTERM.
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [relay_container(s)],
+                    "volumes": [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}],
+                },
+            },
+        },
+    }
+
+
+def relay_service(namespace: str) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(RELAY_NAME, namespace, RELAY_LABELS),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": RELAY_LABELS,
+            "ports": [
+                {"name": "socks5", "port": SOCKS5_PORT, "targetPort": "socks5", "protocol": "TCP"},
+                {"name": "http-proxy", "port": HTTP_PROXY_PORT, "targetPort": "http-proxy", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def relay_host(namespace: str, cluster_domain: str) -> str:
+    return f"{RELAY_NAME}.{namespace}.svc.{cluster_domain}"

@@ -1,0 +1,403 @@
+"""Stack configuration: one pydantic model, validated as a whole before any
+resource exists. Every problem is reported at once, each naming its key, the
+bad value and what is allowed."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import pulumi
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from builders.networks import is_public, is_tailnet_ip
+
+PROJECT: Final = "tailscale-egress"
+RELAY_IMAGE: Final = "ghcr.io/tailscale/tailscale:v1.102.5"
+
+HETZNER_LOCATIONS: Final = ("fsn1", "nbg1", "hel1", "ash", "hil", "sin")
+HETZNER_SERVER_TYPES: Final = (
+    "cx23", "cx33", "cx43", "cx53",
+    "cpx12", "cpx22", "cpx32", "cpx42", "cpx52", "cpx62",
+    "cax11", "cax21", "cax31", "cax41",
+    "ccx13", "ccx23", "ccx33", "ccx43", "ccx53", "ccx63",
+)  # fmt: skip
+# Images whose Tailscale apt repository we know: image -> (distro, codename).
+EXIT_NODE_IMAGES: Final[dict[str, tuple[str, str]]] = {
+    "ubuntu-24.04": ("ubuntu", "noble"),
+    "ubuntu-22.04": ("ubuntu", "jammy"),
+    "debian-12": ("debian", "bookworm"),
+    "debian-13": ("debian", "trixie"),
+}
+SYSTEM_NAMESPACES: Final = frozenset({"kube-system", "kube-public", "kube-node-lease"})
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_TAG = re.compile(r"^tag:[a-zA-Z][-a-zA-Z0-9]*$")
+_IMAGE_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class _Model(BaseModel):
+    """camelCase keys in YAML, snake_case in Python; unknown keys are errors."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+def _network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as err:
+        raise ValueError(
+            f"must be a CIDR such as 203.0.113.7/32 or 2001:db8::/64 ({err})"
+        ) from None
+
+
+def _address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(
+            "must be an IP address such as 203.0.113.7 or 2001:db8::1"
+        ) from None
+
+
+class ExitNodeConfig(_Model):
+    location: str = "fsn1"
+    server_type: str = "cx23"
+    image: str = "ubuntu-24.04"
+    ssh_allowed_cidrs: list[str] = Field(default_factory=list)
+    # Bring your own exit node: no Hetzner resource is created.
+    existing_tailnet_ip: str | None = None
+    existing_public_ips: list[str] = Field(default_factory=list)
+
+    @field_validator("location")
+    @classmethod
+    def _location(cls, v: str) -> str:
+        if v not in HETZNER_LOCATIONS:
+            raise ValueError(f"must be one of {', '.join(HETZNER_LOCATIONS)}")
+        return v
+
+    @field_validator("server_type")
+    @classmethod
+    def _server_type(cls, v: str) -> str:
+        if v not in HETZNER_SERVER_TYPES:
+            raise ValueError(
+                f"must be one of {', '.join(HETZNER_SERVER_TYPES)} (cx22 and cpx11 are retired)"
+            )
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if v not in EXIT_NODE_IMAGES:
+            raise ValueError(f"must be one of {', '.join(EXIT_NODE_IMAGES)}")
+        return v
+
+    @field_validator("ssh_allowed_cidrs")
+    @classmethod
+    def _ssh(cls, v: list[str]) -> list[str]:
+        return [_network(c) for c in v]
+
+    @field_validator("existing_tailnet_ip")
+    @classmethod
+    def _tailnet_ip(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = _address(v)
+        if not is_tailnet_ip(v):
+            raise ValueError(
+                "must be a tailnet address (in 100.64.0.0/10 or fd7a:115c:a1e0::/48)"
+            )
+        return v
+
+    @field_validator("existing_public_ips")
+    @classmethod
+    def _public_ips(cls, v: list[str]) -> list[str]:
+        out = [_address(a) for a in v]
+        for a in out:
+            if not is_public(a):
+                raise ValueError(
+                    f"{a} is not a public address; list the exit node's public IPs"
+                )
+        return out
+
+    @property
+    def managed(self) -> bool:
+        """True when the stack creates the exit node on Hetzner."""
+        return self.existing_tailnet_ip is None
+
+
+class TailnetConfig(_Model):
+    exit_node_tag: str = "tag:egress-exit"
+    relay_tag: str = "tag:egress-relay"
+    manage_policy: bool = False
+    login_server: str | None = None
+    control_plane_cidrs: list[str] = Field(default_factory=list)
+    exit_node_key_expiry_seconds: int = Field(default=3600, ge=300, le=86400)
+
+    @field_validator("exit_node_tag", "relay_tag")
+    @classmethod
+    def _tag(cls, v: str) -> str:
+        if not _TAG.match(v):
+            raise ValueError(
+                'must look like "tag:name": the "tag:" prefix, then a letter, letters, digits or hyphens'
+            )
+        return v
+
+    @field_validator("login_server")
+    @classmethod
+    def _login_server(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+        ):
+            raise ValueError(
+                "must be the control server's base URL, such as https://headscale.example.com"
+            )
+        return v.rstrip("/")
+
+    @field_validator("control_plane_cidrs")
+    @classmethod
+    def _control_cidrs(cls, v: list[str]) -> list[str]:
+        out = [_network(c) for c in v]
+        for c in out:
+            if not is_public(c):
+                raise ValueError(f"{c} is not public address space")
+        return out
+
+    @property
+    def login_server_address(self) -> tuple[str, int] | None:
+        """The login server's IP and port when its URL names an IP literal."""
+        if self.login_server is None:
+            return None
+        parts = urlsplit(self.login_server)
+        try:
+            ip = str(ipaddress.ip_address(parts.hostname or ""))
+        except ValueError:
+            return None
+        return ip, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+class ProtectedNamespaceConfig(_Model):
+    name: str
+    # False: the namespace exists already and is only labelled (and unlabelled
+    # on destroy). True: the stack creates it (and deletes it on destroy).
+    create: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _DNS_LABEL.match(v):
+            raise ValueError(
+                "must be a DNS label: lower-case letters, digits and inner hyphens, at most 63"
+            )
+        if v in SYSTEM_NAMESPACES:
+            raise ValueError(
+                "system namespaces are never protected (the cluster itself needs them)"
+            )
+        return v
+
+
+class ClusterConfig(_Model):
+    context: str = "rancher-desktop"
+    kubeconfig: str | None = None
+    relay_namespace: str = "tailscale-egress"
+    protected_namespaces: list[ProtectedNamespaceConfig] = Field(
+        default_factory=lambda: [ProtectedNamespaceConfig(name="default")]
+    )
+    relay_image: str = RELAY_IMAGE
+    relay_replicas: int = Field(default=1, ge=1, le=5)
+    pod_cidr: str = "10.42.0.0/16"
+    service_cidr: str = "10.43.0.0/16"
+    cluster_domain: str = "cluster.local"
+
+    @field_validator("protected_namespaces", mode="before")
+    @classmethod
+    def _plain_names(cls, v: Any) -> Any:
+        # Plain names are accepted and mean "label this existing namespace".
+        if isinstance(v, list):
+            return [{"name": item} if isinstance(item, str) else item for item in v]
+        return v
+
+    @field_validator("relay_image")
+    @classmethod
+    def _pinned(cls, v: str) -> str:
+        name, _, digest = v.partition("@")
+        last = name.rsplit("/", 1)[-1]
+        tag = last.partition(":")[2] if ":" in last else None
+        pinned_by_digest = bool(digest) and bool(_DIGEST.match(digest))
+        pinned_by_tag = tag is not None and bool(_IMAGE_TAG.match(tag)) and tag != "latest"
+        if " " in v or not (pinned_by_digest or pinned_by_tag) or (digest and not pinned_by_digest):
+            raise ValueError(
+                f"must be pinned to a version tag or digest, such as {RELAY_IMAGE}"
+            )
+        return v
+
+    @field_validator("pod_cidr", "service_cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        return _network(v)
+
+    @field_validator("relay_namespace")
+    @classmethod
+    def _relay_ns(cls, v: str) -> str:
+        if not _DNS_LABEL.match(v):
+            raise ValueError(
+                "must be a DNS label: lower-case letters, digits and inner hyphens, at most 63"
+            )
+        if v in SYSTEM_NAMESPACES or v == "default":
+            raise ValueError(
+                "must be a namespace of its own, not a system namespace or default"
+            )
+        return v
+
+
+class StackConfig(_Model):
+    """The whole configuration. Use `parse_config`, which also checks the sections against each other."""
+
+    exit_node: ExitNodeConfig = Field(default_factory=ExitNodeConfig)
+    tailnet: TailnetConfig = Field(default_factory=TailnetConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+
+class ConfigError(pulumi.RunError):
+    """Bad configuration; the message lists every problem, one a line."""
+
+
+def _key_of(loc: tuple[int | str, ...]) -> str:
+    key = ""
+    for part in loc:
+        key += (
+            f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+        )
+    return key
+
+
+def _value_at(raw: Mapping[str, Any], loc: tuple[int | str, ...]) -> Any:
+    node: Any = raw
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def _cross_section_problems(raw: Mapping[str, Any]) -> list[str]:
+    """Problems between keys; read from the raw values so that they are
+    reported together with the problems of single keys."""
+    exit_node, tailnet, cluster = (
+        raw.get(s) or {} for s in ("exitNode", "tailnet", "cluster")
+    )
+    if not all(isinstance(x, Mapping) for x in (exit_node, tailnet, cluster)):
+        return []
+    problems: list[str] = []
+    relay_ns = cluster.get("relayNamespace", "tailscale-egress")
+    names = [
+        n if isinstance(n, str) else (n or {}).get("name")
+        for n in cluster.get("protectedNamespaces", ["default"]) or []
+    ]
+    if "protectedNamespaces" in cluster and not names:
+        problems.append(
+            "cluster.protectedNamespaces = []: list at least one namespace, such as [default]"
+        )
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name == relay_ns:
+            problems.append(
+                f"cluster.protectedNamespaces[{i}] = {name!r}: is the relay's own namespace (cluster.relayNamespace)"
+            )
+        elif name in seen:
+            problems.append(
+                f"cluster.protectedNamespaces[{i}] = {name!r}: listed twice"
+            )
+        if isinstance(name, str):
+            seen.add(name)
+    exit_tag = tailnet.get("exitNodeTag", "tag:egress-exit")
+    if tailnet.get("relayTag", "tag:egress-relay") == exit_tag:
+        problems.append(
+            f"tailnet.relayTag = {exit_tag!r}: must differ from tailnet.exitNodeTag"
+            " (the relay must never be able to act as the exit node)"
+        )
+    byo = exit_node.get("existingTailnetIp") is not None
+    if tailnet.get("loginServer") is not None:
+        if not byo:
+            problems.append(
+                "exitNode.existingTailnetIp = None: required with tailnet.loginServer (the stack cannot read a new"
+                " exit node's tailnet IP from a self-hosted control server); set it to your exit node's tailnet IP"
+            )
+        if tailnet.get("managePolicy"):
+            problems.append(
+                "tailnet.managePolicy = True: not possible with tailnet.loginServer (manage a self-hosted"
+                " control server's policy there); set it to false"
+            )
+    if byo and exit_node.get("sshAllowedCidrs"):
+        problems.append(
+            f"exitNode.sshAllowedCidrs = {exit_node['sshAllowedCidrs']!r}: only applies to an exit node the stack"
+            " creates; remove it, or unset exitNode.existingTailnetIp"
+        )
+    if not byo and exit_node.get("existingPublicIps"):
+        problems.append(
+            f"exitNode.existingPublicIps = {exit_node['existingPublicIps']!r}: only applies with"
+            " exitNode.existingTailnetIp (the stack knows the public IPs of an exit node it creates)"
+        )
+    return problems
+
+
+def parse_config(raw: Mapping[str, Any]) -> StackConfig:
+    """Validate `raw` ({"exitNode": {...}, "tailnet": {...}, "cluster": {...}}).
+
+    Raises ConfigError listing every problem as
+    `tailscale-egress:<key> = <value>: <what is allowed>`.
+    """
+    lines: list[str] = []
+    try:
+        model = StackConfig.model_validate(raw)
+    except ValidationError as err:
+        for e in err.errors():
+            loc = tuple(
+                p for p in e["loc"] if p not in ("function-after", "function-before")
+            )
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key (see the README's configuration reference for the keys there are)"
+            if loc[-1] == "name" and isinstance(_value_at(raw, loc[:-1]), str):
+                loc = loc[:-1]  # a plain namespace name: report it as written
+            value = _value_at(raw, loc) if e["type"] != "missing" else None
+            lines.append(f"{PROJECT}:{_key_of(loc)} = {value!r}: {msg}")
+    lines += [f"{PROJECT}:{p}" for p in _cross_section_problems(raw)]
+    if lines:
+        raise ConfigError("invalid stack configuration:\n  " + "\n  ".join(lines))
+    return model
+
+
+def load_config() -> StackConfig:
+    """Read `tailscale-egress:{exitNode,tailnet,cluster}` from the stack."""
+    cfg = pulumi.Config(PROJECT)
+    raw: dict[str, Any] = {}
+    problems: list[str] = []
+    for section in ("exitNode", "tailnet", "cluster"):
+        try:
+            value = cfg.get_object(section)
+        except Exception as err:  # noqa: BLE001  (Pulumi raises plain errors for bad JSON)
+            problems.append(f"{PROJECT}:{section}: is not a YAML object ({err})")
+            continue
+        if value is not None and not isinstance(value, dict):
+            problems.append(
+                f"{PROJECT}:{section} = {value!r}: must be an object of keys"
+            )
+        elif value is not None:
+            raw[section] = value
+    if problems:
+        raise ConfigError("invalid stack configuration:\n  " + "\n  ".join(problems))
+    return parse_config(raw)

@@ -1,0 +1,142 @@
+"""Checks that run after the configuration is valid and before any resource
+is created: credentials, the Kubernetes cluster, the tailnet policy. Each
+failure names the key, the value and the command that fixes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pulumi
+import pulumi_tailscale as tailscale
+import yaml
+
+from builders.tailnet_policy import policy_problems, preflight_message
+from config import StackConfig
+
+# Set by tools/render.py: nothing is contacted, so nothing is checked but config.
+OFFLINE_ENV = "TAILSCALE_EGRESS_OFFLINE"
+
+
+class PreflightError(pulumi.RunError):
+    """Something outside the stack's config must be fixed first."""
+
+
+def missing_credentials(cfg: StackConfig, has: Callable[[str], bool], env: Mapping[str, str]) -> list[str]:
+    """Credentials the stack needs and cannot find, with the command to set each.
+
+    `has("hcloud:token")` tells whether a stack config key is set; providers
+    also read their environment variables.
+    """
+    missing = []
+    if cfg.exit_node.managed and not (has("hcloud:token") or env.get("HCLOUD_TOKEN")):
+        missing.append(
+            "hcloud:token is not set (the Hetzner Cloud API token that creates the exit node):"
+            " pulumi config set --secret hcloud:token <token>  (or export HCLOUD_TOKEN)"
+        )
+    if cfg.tailnet.login_server is None:
+        api_key = has("tailscale:apiKey") or env.get("TAILSCALE_API_KEY")
+        oauth = (has("tailscale:oauthClientId") or env.get("TAILSCALE_OAUTH_CLIENT_ID")) and (
+            has("tailscale:oauthClientSecret") or env.get("TAILSCALE_OAUTH_CLIENT_SECRET")
+        )
+        if not (api_key or oauth):
+            missing.append(
+                "tailscale:apiKey is not set (nor tailscale:oauthClientId and tailscale:oauthClientSecret):"
+                " pulumi config set --secret tailscale:apiKey <tskey-api-...>  (or export TAILSCALE_API_KEY)"
+            )
+    elif not has("tailscale-egress:relayAuthKey"):
+        missing.append(
+            "tailscale-egress:relayAuthKey is not set (with tailnet.loginServer the stack cannot mint keys):"
+            " create a reusable, ephemeral, pre-authorized key on your control server, then"
+            " pulumi config set --secret relayAuthKey <key>"
+        )
+    return missing
+
+
+def _kubeconfig_paths(cfg: StackConfig, env: Mapping[str, str]) -> list[Path]:
+    if cfg.cluster.kubeconfig:
+        return [Path(cfg.cluster.kubeconfig).expanduser()]
+    if env.get("KUBECONFIG"):
+        return [Path(p).expanduser() for p in env["KUBECONFIG"].split(os.pathsep) if p]
+    return [Path.home() / ".kube" / "config"]
+
+
+def cluster_server(cfg: StackConfig, env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(the API server URL of `cluster.context`, None) or (None, what is wrong)."""
+    contexts: dict[str, Any] = {}
+    clusters: dict[str, Any] = {}
+    paths = _kubeconfig_paths(cfg, env)
+    for path in paths:
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        contexts.update({c["name"]: c.get("context", {}) for c in doc.get("contexts") or [] if "name" in c})
+        clusters.update({c["name"]: c.get("cluster", {}) for c in doc.get("clusters") or [] if "name" in c})
+    where = ", ".join(str(p) for p in paths)
+    context = contexts.get(cfg.cluster.context)
+    if context is None:
+        known = ", ".join(sorted(contexts)) or "none"
+        return None, (
+            f"tailscale-egress:cluster.context = {cfg.cluster.context!r}: no such context in {where}"
+            f" (contexts there: {known}). Start Rancher Desktop, or pulumi config set --path cluster.context <name>"
+        )
+    server = clusters.get(context.get("cluster", ""), {}).get("server")
+    if not server:
+        return None, f"tailscale-egress:cluster.context = {cfg.cluster.context!r}: its cluster has no server in {where}"
+    return server, None
+
+
+def unreachable(server: str, timeout: float = 3.0) -> str | None:
+    """None when a TCP connection to the API server succeeds, else why not."""
+    parts = urlsplit(server)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return None
+    except OSError as err:
+        return str(err)
+
+
+def check_environment(cfg: StackConfig) -> None:
+    """Credentials and the cluster; raises PreflightError listing every problem."""
+    if os.environ.get(OFFLINE_ENV) == "1":
+        return
+    problems = missing_credentials(cfg, _config_key_is_set, os.environ)
+    server, problem = cluster_server(cfg, os.environ)
+    if problem:
+        problems.append(problem)
+    elif server and (why := unreachable(server)):
+        problems.append(
+            f"tailscale-egress:cluster.context = {cfg.cluster.context!r}: the API server {server} is not reachable"
+            f" ({why}). Start Rancher Desktop (Kubernetes enabled), then run again"
+        )
+    if problems:
+        raise PreflightError("cannot deploy yet:\n  - " + "\n  - ".join(problems))
+
+
+def _config_key_is_set(key: str) -> bool:
+    namespace, _, name = key.partition(":")
+    return pulumi.Config(namespace).get_secret(name) is not None
+
+
+def check_tailnet_policy(cfg: StackConfig) -> Mapping[str, Any] | None:
+    """Read the tailnet policy file and stop when it lacks what the stack needs.
+
+    Returns the policy (for `managePolicy`); None with a self-hosted control
+    server, whose policy Tailscale's API cannot read.
+    """
+    if cfg.tailnet.login_server is not None:
+        return None
+    policy: Mapping[str, Any] = json.loads(tailscale.get_acl().json)
+    if cfg.tailnet.manage_policy:
+        return policy
+    problems = policy_problems(policy, cfg.tailnet.exit_node_tag, cfg.tailnet.relay_tag)
+    if problems:
+        raise PreflightError(preflight_message(problems, cfg.tailnet.exit_node_tag, cfg.tailnet.relay_tag))
+    return policy
