@@ -71,8 +71,9 @@ relay = EgressRelay(
         pinned_destinations=pinned,
         protected_namespaces=[ns.name for ns in cfg.cluster.protected_namespaces],
         login_server=cfg.tailnet.login_server,
+        start_after=protected,
     ),
-    pulumi.ResourceOptions(provider=cluster, depends_on=protected),
+    in_cluster,
 )
 
 # 6. Outputs: nothing secret.

@@ -389,13 +389,10 @@ def load_config() -> StackConfig:
     for section in ("exitNode", "tailnet", "cluster"):
         try:
             value = cfg.get_object(section)
-        except Exception as err:  # noqa: BLE001  (Pulumi raises plain errors for bad JSON)
-            problems.append(f"{PROJECT}:{section}: is not a YAML object ({err})")
-            continue
+        except Exception:  # noqa: BLE001  (Pulumi raises a plain error for a value that is not JSON)
+            value = cfg.get(section)
         if value is not None and not isinstance(value, dict):
-            problems.append(
-                f"{PROJECT}:{section} = {value!r}: must be an object of keys"
-            )
+            problems.append(f"{PROJECT}:{section} = {value!r}: must be an object of keys (see Pulumi.dev.yaml)")
         elif value is not None:
             raw[section] = value
     if problems:

@@ -45,6 +45,9 @@ class EgressRelayArgs:
     pinned_destinations: pulumi.Output[list[Destination] | None]
     protected_namespaces: Sequence[str]
     login_server: str | None
+    # Started only after these (the protected namespaces' policies): a
+    # component's depends_on does not reach its children, so it is passed here.
+    start_after: Sequence[pulumi.Resource] = ()
 
 
 class EgressRelay(pulumi.ComponentResource):
@@ -94,7 +97,7 @@ class EgressRelay(pulumi.ComponentResource):
         apply_manifest(
             f"{name}-deployment",
             deployment,
-            pulumi.ResourceOptions(parent=self, depends_on=[*policies, secret]),
+            pulumi.ResourceOptions(parent=self, depends_on=[*policies, secret, *args.start_after]),
             kind="Deployment",
         )
         apply_manifest(f"{name}-service", relay_service(ns), in_ns)
