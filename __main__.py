@@ -1,6 +1,6 @@
 """tailscale-egress: pods that reach the internet only through a Tailscale exit node.
 
-  protected namespaces --(proxy)--> relay --(tailnet)--> exit node VM --> internet
+protected namespaces --(proxy)--> relay --(tailnet)--> exit node VM --> internet
 """
 
 import pulumi
@@ -82,7 +82,9 @@ pulumi.export("exitNodeTailnetIp", exit_tailnet_ip)
 pulumi.export("exitNodePublicIps", exit_public_ips)
 pulumi.export("relayHttpProxy", relay.http_proxy)
 pulumi.export("relaySocksProxy", relay.socks_proxy)
-pulumi.export("relayEgress", pinned.apply(lambda p: "pinned to the exit node and control server" if p else "public internet"))
+pulumi.export(
+    "relayEgress", pinned.apply(lambda p: "pinned to the exit node and control server" if p else "public internet")
+)
 pulumi.export("protectedNamespaces", [ns.name for ns in cfg.cluster.protected_namespaces])
 pulumi.export(
     "usage",

@@ -44,27 +44,21 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 class _Model(BaseModel):
     """camelCase keys in YAML, snake_case in Python; unknown keys are errors."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
 def _network(value: str) -> str:
     try:
         return str(ipaddress.ip_network(value, strict=True))
     except ValueError as err:
-        raise ValueError(
-            f"must be a CIDR such as 203.0.113.7/32 or 2001:db8::/64 ({err})"
-        ) from None
+        raise ValueError(f"must be a CIDR such as 203.0.113.7/32 or 2001:db8::/64 ({err})") from None
 
 
 def _address(value: str) -> str:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise ValueError(
-            "must be an IP address such as 203.0.113.7 or 2001:db8::1"
-        ) from None
+        raise ValueError("must be an IP address such as 203.0.113.7 or 2001:db8::1") from None
 
 
 class ExitNodeConfig(_Model):
@@ -87,9 +81,7 @@ class ExitNodeConfig(_Model):
     @classmethod
     def _server_type(cls, v: str) -> str:
         if v not in HETZNER_SERVER_TYPES:
-            raise ValueError(
-                f"must be one of {', '.join(HETZNER_SERVER_TYPES)} (cx22 and cpx11 are retired)"
-            )
+            raise ValueError(f"must be one of {', '.join(HETZNER_SERVER_TYPES)} (cx22 and cpx11 are retired)")
         return v
 
     @field_validator("image")
@@ -111,9 +103,7 @@ class ExitNodeConfig(_Model):
             return None
         v = _address(v)
         if not is_tailnet_ip(v):
-            raise ValueError(
-                "must be a tailnet address (in 100.64.0.0/10 or fd7a:115c:a1e0::/48)"
-            )
+            raise ValueError("must be a tailnet address (in 100.64.0.0/10 or fd7a:115c:a1e0::/48)")
         return v
 
     @field_validator("existing_public_ips")
@@ -122,9 +112,7 @@ class ExitNodeConfig(_Model):
         out = [_address(a) for a in v]
         for a in out:
             if not is_public(a):
-                raise ValueError(
-                    f"{a} is not a public address; list the exit node's public IPs"
-                )
+                raise ValueError(f"{a} is not a public address; list the exit node's public IPs")
         return out
 
     @property
@@ -145,9 +133,7 @@ class TailnetConfig(_Model):
     @classmethod
     def _tag(cls, v: str) -> str:
         if not _TAG.match(v):
-            raise ValueError(
-                'must look like "tag:name": the "tag:" prefix, then a letter, letters, digits or hyphens'
-            )
+            raise ValueError('must look like "tag:name": the "tag:" prefix, then a letter, letters, digits or hyphens')
         return v
 
     @field_validator("login_server")
@@ -156,14 +142,8 @@ class TailnetConfig(_Model):
         if v is None:
             return None
         parts = urlsplit(v)
-        if (
-            parts.scheme not in ("http", "https")
-            or not parts.hostname
-            or parts.path not in ("", "/")
-        ):
-            raise ValueError(
-                "must be the control server's base URL, such as https://headscale.example.com"
-            )
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError("must be the control server's base URL, such as https://headscale.example.com")
         return v.rstrip("/")
 
     @field_validator("control_plane_cidrs")
@@ -198,13 +178,9 @@ class ProtectedNamespaceConfig(_Model):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _DNS_LABEL.match(v):
-            raise ValueError(
-                "must be a DNS label: lower-case letters, digits and inner hyphens, at most 63"
-            )
+            raise ValueError("must be a DNS label: lower-case letters, digits and inner hyphens, at most 63")
         if v in SYSTEM_NAMESPACES:
-            raise ValueError(
-                "system namespaces are never protected (the cluster itself needs them)"
-            )
+            raise ValueError("system namespaces are never protected (the cluster itself needs them)")
         return v
 
 
@@ -238,9 +214,7 @@ class ClusterConfig(_Model):
         pinned_by_digest = bool(digest) and bool(_DIGEST.match(digest))
         pinned_by_tag = tag is not None and bool(_IMAGE_TAG.match(tag)) and tag != "latest"
         if " " in v or not (pinned_by_digest or pinned_by_tag) or (digest and not pinned_by_digest):
-            raise ValueError(
-                f"must be pinned to a version tag or digest, such as {RELAY_IMAGE}"
-            )
+            raise ValueError(f"must be pinned to a version tag or digest, such as {RELAY_IMAGE}")
         return v
 
     @field_validator("pod_cidr", "service_cidr")
@@ -252,13 +226,9 @@ class ClusterConfig(_Model):
     @classmethod
     def _relay_ns(cls, v: str) -> str:
         if not _DNS_LABEL.match(v):
-            raise ValueError(
-                "must be a DNS label: lower-case letters, digits and inner hyphens, at most 63"
-            )
+            raise ValueError("must be a DNS label: lower-case letters, digits and inner hyphens, at most 63")
         if v in SYSTEM_NAMESPACES or v == "default":
-            raise ValueError(
-                "must be a namespace of its own, not a system namespace or default"
-            )
+            raise ValueError("must be a namespace of its own, not a system namespace or default")
         return v
 
 
@@ -277,9 +247,7 @@ class ConfigError(pulumi.RunError):
 def _key_of(loc: tuple[int | str, ...]) -> str:
     key = ""
     for part in loc:
-        key += (
-            f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-        )
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
     return key
 
 
@@ -296,9 +264,7 @@ def _value_at(raw: Mapping[str, Any], loc: tuple[int | str, ...]) -> Any:
 def _cross_section_problems(raw: Mapping[str, Any]) -> list[str]:
     """Problems between keys; read from the raw values so that they are
     reported together with the problems of single keys."""
-    exit_node, tailnet, cluster = (
-        raw.get(s) or {} for s in ("exitNode", "tailnet", "cluster")
-    )
+    exit_node, tailnet, cluster = (raw.get(s) or {} for s in ("exitNode", "tailnet", "cluster"))
     if not all(isinstance(x, Mapping) for x in (exit_node, tailnet, cluster)):
         return []
     problems: list[str] = []
@@ -308,9 +274,7 @@ def _cross_section_problems(raw: Mapping[str, Any]) -> list[str]:
         for n in cluster.get("protectedNamespaces", ["default"]) or []
     ]
     if "protectedNamespaces" in cluster and not names:
-        problems.append(
-            "cluster.protectedNamespaces = []: list at least one namespace, such as [default]"
-        )
+        problems.append("cluster.protectedNamespaces = []: list at least one namespace, such as [default]")
     seen: set[str] = set()
     for i, name in enumerate(names):
         if name == relay_ns:
@@ -318,9 +282,7 @@ def _cross_section_problems(raw: Mapping[str, Any]) -> list[str]:
                 f"cluster.protectedNamespaces[{i}] = {name!r}: is the relay's own namespace (cluster.relayNamespace)"
             )
         elif name in seen:
-            problems.append(
-                f"cluster.protectedNamespaces[{i}] = {name!r}: listed twice"
-            )
+            problems.append(f"cluster.protectedNamespaces[{i}] = {name!r}: listed twice")
         if isinstance(name, str):
             seen.add(name)
     exit_tag = tailnet.get("exitNodeTag", "tag:egress-exit")
@@ -365,9 +327,7 @@ def parse_config(raw: Mapping[str, Any]) -> StackConfig:
         model = StackConfig.model_validate(raw)
     except ValidationError as err:
         for e in err.errors():
-            loc = tuple(
-                p for p in e["loc"] if p not in ("function-after", "function-before")
-            )
+            loc = tuple(p for p in e["loc"] if p not in ("function-after", "function-before"))
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown key (see the README's configuration reference for the keys there are)"

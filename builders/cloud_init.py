@@ -135,7 +135,7 @@ _BlockDumper.add_representer(
 
 def render_cloud_init(boot: ExitNodeBoot) -> str:
     """The user_data document (a secret: it carries the auth key)."""
-    body = yaml.dump(cloud_config(boot), Dumper=_BlockDumper, sort_keys=False, width=1000)
+    body: str = yaml.dump(cloud_config(boot), Dumper=_BlockDumper, sort_keys=False, width=1000)
     return "#cloud-config\n" + body
 
 

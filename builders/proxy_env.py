@@ -33,5 +33,10 @@ def proxy_environment(relay_host: str, pod_cidr: str, service_cidr: str, cluster
             "kubernetes.default",
         ]
     )
-    values = {"http_proxy": urls["http"], "https_proxy": urls["http"], "all_proxy": urls["socks5"], "no_proxy": no_proxy}
+    values = {
+        "http_proxy": urls["http"],
+        "https_proxy": urls["http"],
+        "all_proxy": urls["socks5"],
+        "no_proxy": no_proxy,
+    }
     return {**{k.upper(): v for k, v in values.items()}, **values}

@@ -32,9 +32,9 @@ def _relay_may_use_internet(policy: Mapping[str, Any], relay_tag: str) -> bool:
             return True
     for acl in policy.get("acls", []) or []:
         srcs, dsts = acl.get("src", []), acl.get("dst", [])
-        if acl.get("action") == "accept" and (relay_tag in srcs or "*" in srcs):
-            if "autogroup:internet:*" in dsts or "*:*" in dsts:
-                return True
+        to_internet = "autogroup:internet:*" in dsts or "*:*" in dsts
+        if acl.get("action") == "accept" and (relay_tag in srcs or "*" in srcs) and to_internet:
+            return True
     return False
 
 
@@ -46,7 +46,9 @@ def policy_problems(policy: Mapping[str, Any], exit_node_tag: str, relay_tag: st
         if tag not in owners:
             problems.append(f'tagOwners has no "{tag}": auth keys with that tag cannot be created')
     if not _relay_may_use_internet(policy, relay_tag):
-        problems.append(f'no grant lets "{relay_tag}" reach "autogroup:internet": the relay could not use the exit node')
+        problems.append(
+            f'no grant lets "{relay_tag}" reach "autogroup:internet": the relay could not use the exit node'
+        )
     return problems
 
 

@@ -63,9 +63,7 @@ class EgressRelay(pulumi.ComponentResource):
 
         policies = [
             apply_manifest(f"{name}-default-deny", relay_namespace_default_deny(ns), in_ns),
-            apply_manifest(
-                f"{name}-ingress", relay_ingress_policy(ns, args.protected_namespaces, PROXY_PORTS), in_ns
-            ),
+            apply_manifest(f"{name}-ingress", relay_ingress_policy(ns, args.protected_namespaces, PROXY_PORTS), in_ns),
             apply_manifest(
                 f"{name}-egress",
                 args.pinned_destinations.apply(lambda pinned: relay_egress_policy(ns, pinned)),
@@ -75,7 +73,7 @@ class EgressRelay(pulumi.ComponentResource):
         ]
         secret = k8s.core.v1.Secret(
             f"{name}-auth",
-            metadata=metadata(AUTH_SECRET_NAME, ns),
+            metadata=k8s.meta.v1.ObjectMetaArgs(**metadata(AUTH_SECRET_NAME, ns)),
             type="Opaque",
             string_data={AUTH_SECRET_KEY: args.auth_key},
             opts=in_ns,

@@ -62,11 +62,10 @@ class HetznerExitNode(pulumi.ComponentResource):
             opts=child,
         )
         hostname = args.key_id.apply(names.exit_node_hostname)
-        user_data = pulumi.Output.secret(
-            pulumi.Output.all(hostname, args.auth_key).apply(
-                lambda v: render_cloud_init(ExitNodeBoot(hostname=v[0], image=cfg.image, auth_key=v[1]))
-            )
+        document: pulumi.Output[str] = pulumi.Output.all(hostname, args.auth_key).apply(
+            lambda v: render_cloud_init(ExitNodeBoot(hostname=v[0], image=cfg.image, auth_key=v[1]))
         )
+        user_data: pulumi.Output[str] = pulumi.Output.secret(document)
         server = hcloud.Server(
             f"{name}-server",
             name=hostname,

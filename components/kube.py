@@ -19,6 +19,12 @@ _RESOURCES: dict[str, Callable[..., pulumi.CustomResource]] = {
 }
 
 
+def _field(manifest: Manifest | pulumi.Output[Manifest], name: str) -> Any:
+    if isinstance(manifest, dict):
+        return manifest.get(name)
+    return manifest.apply(lambda m: m.get(name))
+
+
 def apply_manifest(
     name: str, manifest: Manifest | pulumi.Output[Manifest], opts: pulumi.ResourceOptions, kind: str | None = None
 ) -> pulumi.CustomResource:
@@ -27,14 +33,6 @@ def apply_manifest(
     kind = kind or (manifest["kind"] if isinstance(manifest, dict) else None)
     if kind not in _RESOURCES:
         raise ValueError(f"{name}: no resource for kind {kind!r}")
-    m: pulumi.Output[Manifest] = pulumi.Output.from_input(manifest)
-    fields: dict[str, Any] = {
-        field: m.apply(lambda d, f=field: d.get(f)) for field in ("metadata", "spec", "data")
-    }
-    if kind == "Namespace":
-        del fields["spec"], fields["data"]
-    elif kind == "ConfigMap":
-        del fields["spec"]
-    else:
-        del fields["data"]
+    names = ("metadata",) if kind == "Namespace" else ("metadata", "data" if kind == "ConfigMap" else "spec")
+    fields: dict[str, Any] = {f: _field(manifest, f) for f in names}
     return _RESOURCES[kind](name, opts=opts, **fields)

@@ -25,7 +25,12 @@ PROXY_CONFIGMAP = "tailscale-egress-proxy"
 
 
 def proxy_configmap(namespace_name: str, env: Mapping[str, str]) -> Manifest:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(PROXY_CONFIGMAP, namespace_name), "data": dict(env)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(PROXY_CONFIGMAP, namespace_name),
+        "data": dict(env),
+    }
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,12 @@ class ProtectedNamespace(pulumi.ComponentResource):
             ns_resource: pulumi.CustomResource = apply_manifest(name, manifest, pulumi.ResourceOptions(parent=self))
         else:
             ns_resource = k8s.core.v1.NamespacePatch(
-                name, metadata={"name": ns, "labels": manifest["metadata"]["labels"]}, opts=pulumi.ResourceOptions(parent=self)
+                name,
+                metadata={"name": ns, "labels": manifest["metadata"]["labels"]},
+                opts=pulumi.ResourceOptions(parent=self),
             )
         in_ns = pulumi.ResourceOptions(parent=self, depends_on=[ns_resource])
-        apply_manifest(
-            f"{name}-egress", protected_namespace_policy(ns, args.relay_namespace, args.relay_ports), in_ns
-        )
+        apply_manifest(f"{name}-egress", protected_namespace_policy(ns, args.relay_namespace, args.relay_ports), in_ns)
         apply_manifest(f"{name}-proxy-settings", proxy_configmap(ns, args.proxy_env), in_ns)
         self.name = ns
         self.register_outputs({})

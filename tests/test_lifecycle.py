@@ -91,7 +91,9 @@ def test_two_stacks_side_by_side_share_no_name_in_hetzner_or_the_tailnet() -> No
     assert len(alice_names) == 5 and len(bob_names) == 5
     assert not alice_names & bob_names
     # Stack names that differ only in characters a hostname cannot hold still differ.
-    assert not _external_names(evaluate(dev_config(), "Alice.Dev")) & _external_names(evaluate(dev_config(), "alice-dev"))
+    assert not _external_names(evaluate(dev_config(), "Alice.Dev")) & _external_names(
+        evaluate(dev_config(), "alice-dev")
+    )
 
 
 def test_hetzner_resources_say_which_stack_owns_them() -> None:

@@ -66,7 +66,7 @@ class FakeProviders(pulumi.runtime.Mocks):
             return "/".join(p for p in (meta.get("namespace"), meta.get("name")) if p) or name, state
         return f"{name}-id", state
 
-    def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
+    def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:  # type: ignore[override]
         if args.token == "tailscale:index/getAcl:getAcl":
             text = json.dumps(self.policy)
             return {"id": "acl", "json": text, "hujson": text}
@@ -142,9 +142,9 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
         self.registrations: list[Registration] = []
 
     def RegisterResource(self, request: Any) -> Any:  # noqa: N802  (gRPC method name)
-        response = super().RegisterResource(request)
+        response = super().RegisterResource(request)  # type: ignore[no-untyped-call]
         if request.type != "pulumi:pulumi:Stack":
-            pulumi_mocks._ensure_event_loop()
+            pulumi_mocks._ensure_event_loop()  # type: ignore[attr-defined,no-untyped-call]  # as MockMonitor does
             self.registrations.append(
                 Registration(
                     type=request.type,
@@ -220,9 +220,9 @@ def evaluate(
         runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")
         root = settings.get_root_resource()
         exported: dict[str, Any] = dict(getattr(root, "outputs", {}) or {})
-        return pulumi.Output.all(
-            **{k: pulumi.Output.from_input(v) for k, v in exported.items()}
-        ).apply(lambda values: _collect(result, exported, values))
+        return pulumi.Output.all(**{k: pulumi.Output.from_input(v) for k, v in exported.items()}).apply(
+            lambda values: _collect(result, exported, values)
+        )
 
     try:
         _sync_await(run_pulumi_func(lambda: _sync_await(pulumi.Output.from_input(program()).future())))

@@ -22,7 +22,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.mockstack import ROOT, Evaluation, Registration, evaluate, stack_file_config  # noqa: E402
+from tools.mockstack import ROOT, Evaluation, Registration, evaluate, stack_file_config
 
 _KINDS = {
     "kubernetes:core/v1:Namespace": ("v1", "Namespace"),

@@ -1,0 +1,76 @@
+# tailscale-egress: one command to set up and test, one to deploy.
+#   make test                 the fast suite: sets up .venv and the test tools, runs the unit tests
+#   make test-all             lint, the fast suite and the real data-path suite (Linux, root)
+#   make up STACK=<name>      deploy a developer stack (needs the Pulumi CLI and credentials)
+
+PYTHON ?= python3
+STACK ?= dev
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv tools test lint test-datapath test-all render preview up destroy bench bench-datapath clean
+
+help:
+	@sed -n '1,5p' Makefile
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is needed (found $$($(PYTHON) --version))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(STAMP)
+
+# Debian packages the tests use (cloud-init, shellcheck): installed where possible.
+tools: venv
+	bash scripts/install-test-tools.sh
+
+test: tools
+	$(PY) -m pytest
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy .
+
+# Builds (or reuses) tailscaled, tailscale, containerboot and headscale, then runs
+# them in network namespaces: needs Linux and root.
+test-datapath: venv
+	bash scripts/build-datapath-bins.sh
+	$(PY) -m pytest -m datapath tests/datapath
+
+test-all: lint test test-datapath
+
+render: venv
+	$(PY) tools/render.py $(STACK)
+
+bench: venv
+	$(PY) tools/bench.py
+
+bench-datapath: venv
+	bash scripts/build-datapath-bins.sh
+	$(PY) tools/bench_datapath.py
+
+# Deploying needs the Pulumi CLI (https://www.pulumi.com/docs/install/) and the
+# credentials the README lists; the program checks them before creating anything.
+define pulumi_stack
+	@command -v pulumi >/dev/null || { echo "The Pulumi CLI is not installed: see https://www.pulumi.com/docs/install/"; exit 1; }
+	pulumi stack select --create $(STACK)
+endef
+
+preview: venv
+	$(pulumi_stack)
+	pulumi preview --diff
+
+up: venv
+	$(pulumi_stack)
+	pulumi up
+
+destroy: venv
+	$(pulumi_stack)
+	pulumi destroy
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache
