@@ -7,7 +7,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from builders.names import StackNames
-from builders.network_policies import pinned_destinations
+from builders.network_policies import relay_egress
 from builders.proxy_env import proxy_environment
 from builders.relay import PROXY_PORTS, relay_host
 from components.egress_relay import EgressRelay, EgressRelayArgs
@@ -58,8 +58,8 @@ protected = [
 ]
 
 # 5. The relay: SOCKS5 and HTTP CONNECT proxies into the tailnet, via the exit node.
-pinned = exit_public_ips.apply(
-    lambda ips: pinned_destinations(ips, cfg.tailnet.login_server_address, cfg.tailnet.control_plane_cidrs)
+egress = exit_public_ips.apply(
+    lambda ips: relay_egress(ips, cfg.tailnet.login_server_address, cfg.tailnet.control_plane_cidrs)
 )
 relay = EgressRelay(
     "relay",
@@ -68,7 +68,7 @@ relay = EgressRelay(
         hostname=names.relay_hostname,
         auth_key=tailnet.relay_auth_key,
         exit_node_ip=exit_tailnet_ip,
-        pinned_destinations=pinned,
+        egress=egress,
         protected_namespaces=[ns.name for ns in cfg.cluster.protected_namespaces],
         login_server=cfg.tailnet.login_server,
         start_after=protected,
@@ -82,9 +82,7 @@ pulumi.export("exitNodeTailnetIp", exit_tailnet_ip)
 pulumi.export("exitNodePublicIps", exit_public_ips)
 pulumi.export("relayHttpProxy", relay.http_proxy)
 pulumi.export("relaySocksProxy", relay.socks_proxy)
-pulumi.export(
-    "relayEgress", pinned.apply(lambda p: "pinned to the exit node and control server" if p else "public internet")
-)
+pulumi.export("relayEgress", egress.apply(lambda e: e.mode))
 pulumi.export("protectedNamespaces", [ns.name for ns in cfg.cluster.protected_namespaces])
 pulumi.export(
     "usage",

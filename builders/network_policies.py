@@ -96,7 +96,7 @@ def protected_namespace_policy(namespace: str, relay_namespace: str, relay_ports
 
 def relay_namespace_default_deny(namespace: str) -> Manifest:
     """Anything else in the relay's namespace talks to nobody, either way."""
-    return network_policy("default-deny", namespace, None, ingress=[], egress=[])
+    return network_policy("default-deny", namespace, None, ingress=[])
 
 
 def relay_ingress_policy(namespace: str, protected_namespaces: Iterable[str], relay_ports: Sequence[int]) -> Manifest:
@@ -114,7 +114,7 @@ def relay_ingress_policy(namespace: str, protected_namespaces: Iterable[str], re
                                 {
                                     "key": NAMESPACE_NAME_LABEL,
                                     "operator": "In",
-                                    "values": sorted(protected_namespaces),
+                                    "values": sorted([*protected_namespaces, namespace]),
                                 }
                             ]
                         }
@@ -126,49 +126,62 @@ def relay_ingress_policy(namespace: str, protected_namespaces: Iterable[str], re
     )
 
 
-def relay_egress_policy(namespace: str, pinned: Sequence[Destination] | None) -> Manifest:
-    """The relay's way out.
+@dataclass(frozen=True)
+class RelayEgress:
+    """Where the relay may go besides cluster DNS."""
 
-    `pinned` given: only those destinations (the exit node's WireGuard port and
-    the control server), so a proxy request that tailscaled would dial
-    directly, as it does while its exit node is unresolvable, finds no route.
-    `pinned` None: any public address, never a private, link-local, CGNAT,
-    loopback, multicast or metadata one.
-    """
-    if pinned is None:
-        reach = [
-            {
-                "to": [
-                    {"ipBlock": {"cidr": "0.0.0.0/0", "except": list(NON_PUBLIC_IPV4)}},
-                    {"ipBlock": {"cidr": "::/0", "except": list(NON_PUBLIC_IPV6)}},
-                ]
-            }
-        ]
-    else:
-        reach = [
-            {"to": [{"ipBlock": {"cidr": d.cidr}}], "ports": ports(d.protocol, d.port)}
-            for d in sorted(set(pinned), key=lambda d: (d.cidr, d.protocol, d.port))
-        ]
-    return network_policy("relay-egress", namespace, RELAY_LABELS, egress=[dns_rule(), *reach])
+    # Always allowed, even when private: the control server and (pinned) the exit node.
+    destinations: tuple[Destination, ...]
+    # Also any public address: set when an address the relay needs is unknown.
+    public_internet: bool
+
+    @property
+    def mode(self) -> str:
+        return "public internet" if self.public_internet else "pinned to the exit node and control server"
 
 
-def pinned_destinations(
+def relay_egress(
     exit_node_public_ips: Sequence[str],
     login_server_address: tuple[str, int] | None,
     control_plane_cidrs: Sequence[str],
-) -> list[Destination] | None:
-    """Everything the relay must reach when every address of it is known:
-    the exit node's WireGuard port, and the control server (its HTTPS/HTTP
-    port, and STUN for the DERP server it embeds). None when an address is
-    unknown (Tailscale's own control plane has no fixed addresses unless
-    `tailnet.controlPlaneCidrs` lists them): the relay then gets the public
-    internet instead."""
+) -> RelayEgress:
+    """The relay's destinations: the control server (its HTTP(S) port, and STUN
+    for the DERP server it embeds) and the exit node's WireGuard port.
+
+    When every one of those addresses is known, that is all (pinned): a proxy
+    request that tailscaled would dial directly, as it does while its exit
+    node is unresolvable, then finds no way out. Tailscale's hosted control
+    plane has no fixed addresses unless `tailnet.controlPlaneCidrs` lists
+    them; then the relay gets the public internet too. A login server on a
+    private address is reachable in both cases, at its address and port alone.
+    """
     control: list[Destination] = []
     if login_server_address is not None:
         ip, port = login_server_address
         control += [Destination(host_cidr(ip), "TCP", port), Destination(host_cidr(ip), "UDP", STUN_PORT)]
     for cidr in control_plane_cidrs:
         control += [Destination(cidr, "TCP", 443), Destination(cidr, "TCP", 80), Destination(cidr, "UDP", STUN_PORT)]
-    if not exit_node_public_ips or not control:
-        return None
-    return control + [Destination(host_cidr(ip), "UDP", WIREGUARD_PORT) for ip in exit_node_public_ips]
+    pinned = bool(exit_node_public_ips) and bool(control)
+    exit_node = [Destination(host_cidr(ip), "UDP", WIREGUARD_PORT) for ip in exit_node_public_ips] if pinned else []
+    return RelayEgress(destinations=tuple(control + exit_node), public_internet=not pinned)
+
+
+def relay_egress_policy(namespace: str, egress: RelayEgress) -> Manifest:
+    """The relay's way out: cluster DNS, `egress.destinations`, and when
+    `egress.public_internet`, any public address, never a private,
+    link-local, CGNAT, loopback, multicast or metadata one."""
+    reach: list[Manifest] = []
+    if egress.public_internet:
+        reach.append(
+            {
+                "to": [
+                    {"ipBlock": {"cidr": "0.0.0.0/0", "except": list(NON_PUBLIC_IPV4)}},
+                    {"ipBlock": {"cidr": "::/0", "except": list(NON_PUBLIC_IPV6)}},
+                ]
+            }
+        )
+    reach += [
+        {"to": [{"ipBlock": {"cidr": d.cidr}}], "ports": ports(d.protocol, d.port)}
+        for d in sorted(set(egress.destinations), key=lambda d: (d.cidr, d.protocol, d.port))
+    ]
+    return network_policy("relay-egress", namespace, RELAY_LABELS, egress=[dns_rule(), *reach])

@@ -15,7 +15,7 @@ import pulumi_kubernetes as k8s
 
 from builders.kube import metadata, namespace
 from builders.network_policies import (
-    Destination,
+    RelayEgress,
     relay_egress_policy,
     relay_ingress_policy,
     relay_namespace_default_deny,
@@ -41,8 +41,7 @@ class EgressRelayArgs:
     hostname: str
     auth_key: pulumi.Output[str]
     exit_node_ip: pulumi.Output[str]
-    # None: the relay may reach any public address (see relay_egress_policy).
-    pinned_destinations: pulumi.Output[list[Destination] | None]
+    egress: pulumi.Output[RelayEgress]
     protected_namespaces: Sequence[str]
     login_server: str | None
     # Started only after these (the protected namespaces' policies): a
@@ -66,7 +65,7 @@ class EgressRelay(pulumi.ComponentResource):
             apply_manifest(f"{name}-ingress", relay_ingress_policy(ns, args.protected_namespaces, PROXY_PORTS), in_ns),
             apply_manifest(
                 f"{name}-egress",
-                args.pinned_destinations.apply(lambda pinned: relay_egress_policy(ns, pinned)),
+                args.egress.apply(lambda egress: relay_egress_policy(ns, egress)),
                 in_ns,
                 kind="NetworkPolicy",
             ),
