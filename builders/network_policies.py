@@ -96,7 +96,7 @@ def protected_namespace_policy(namespace: str, relay_namespace: str, relay_ports
 
 def relay_namespace_default_deny(namespace: str) -> Manifest:
     """Anything else in the relay's namespace talks to nobody, either way."""
-    return network_policy("default-deny", namespace, None, ingress=[])
+    return network_policy("default-deny", namespace, None, ingress=[], egress=[])
 
 
 def relay_ingress_policy(namespace: str, protected_namespaces: Iterable[str], relay_ports: Sequence[int]) -> Manifest:
@@ -114,7 +114,7 @@ def relay_ingress_policy(namespace: str, protected_namespaces: Iterable[str], re
                                 {
                                     "key": NAMESPACE_NAME_LABEL,
                                     "operator": "In",
-                                    "values": sorted([*protected_namespaces, namespace]),
+                                    "values": sorted(protected_namespaces),
                                 }
                             ]
                         }
