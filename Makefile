@@ -23,8 +23,18 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
-# Debian packages the tests use (cloud-init, shellcheck): installed where possible.
-tools: venv
+NCA_VENV := build/tools/nca-venv
+NCA_STAMP := $(NCA_VENV)/.installed
+
+# network-config-analyzer pins another PyYAML than the program: its own venv.
+$(NCA_STAMP): tests/support/requirements-nca.txt
+	$(PYTHON) -m venv $(NCA_VENV)
+	$(NCA_VENV)/bin/pip install --quiet -r tests/support/requirements-nca.txt
+	touch $@
+
+# The test tools: network-config-analyzer, and the Debian packages cloud-init
+# and shellcheck (installed where possible).
+tools: venv $(NCA_STAMP)
 	bash scripts/install-test-tools.sh
 
 test: tools

@@ -22,12 +22,14 @@ NON_PUBLIC_IPV4: Final[tuple[str, ...]] = (
     "240.0.0.0/4",
 )
 NON_PUBLIC_IPV6: Final[tuple[str, ...]] = (
+    "::/96",  # unspecified, loopback and the deprecated IPv4-compatible block
     "::1/128",
     "::ffff:0:0/96",
     "64:ff9b::/96",
     "64:ff9b:1::/48",
     "fc00::/7",
     "fe80::/10",
+    "fec0::/10",  # deprecated site-local
     "ff00::/8",
 )
 # Tailscale's own address space: a tailnet IP is CGNAT (IPv4) or this ULA (IPv6).

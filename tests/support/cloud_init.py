@@ -1,0 +1,74 @@
+"""cloud-init's own schema check and shellcheck, run as commands (Debian
+packages `cloud-init` and `shellcheck`).
+
+cloud-init 22.4 (Debian 12) has no strict mode: `cloud-init schema` accepts
+unknown top-level keys, and its `--annotate` crashes on some errors, so it is
+not used. `top_level_keys()` reads the keys its schema knows, from the same
+installation, so the tests can reject unknown ones themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.tools import executable
+
+APT_INSTALL = "apt-get install -y cloud-init shellcheck"
+
+_KEYS_SCRIPT = """
+import json
+from cloudinit.config.schema import get_schema
+schema = get_schema()
+keys = set(schema.get("properties", {}))
+for part in schema.get("allOf", []):
+    name = part.get("$ref", "").rsplit("/", 1)[-1]
+    keys |= set(schema.get("$defs", {}).get(name, {}).get("properties", {}))
+print(json.dumps(sorted(keys)))
+"""
+
+
+@dataclass(frozen=True)
+class Result:
+    ok: bool
+    output: str
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def cloud_init() -> Path:
+    return executable("cloud-init", APT_INSTALL)
+
+
+def schema_check(config_file: Path) -> Result:
+    """`cloud-init schema --config-file`: ok only when it exits 0 and says the document is valid."""
+    done = _run([str(cloud_init()), "schema", "--config-file", str(config_file)])
+    output = done.stdout + done.stderr
+    return Result(done.returncode == 0 and "Valid cloud-config" in done.stdout, output)
+
+
+def _cloud_init_python() -> str:
+    """The interpreter that runs cloud-init (its shebang), which can import `cloudinit`."""
+    first = cloud_init().read_text().splitlines()[0]
+    assert first.startswith("#!"), first
+    return first[2:].strip().split()[0]
+
+
+def top_level_keys() -> set[str]:
+    done = _run([_cloud_init_python(), "-c", _KEYS_SCRIPT])
+    if done.returncode != 0:
+        raise RuntimeError(f"cannot read cloud-init's schema:\n{done.stderr}")
+    keys = set(json.loads(done.stdout))
+    if len(keys) < 20:
+        raise RuntimeError(f"cloud-init's schema lists too few keys to be read right: {sorted(keys)}")
+    return keys
+
+
+def shellcheck(script: Path) -> Result:
+    path = executable("shellcheck", APT_INSTALL)
+    done = _run([str(path), "--severity=style", "--format=gcc", str(script)])
+    return Result(done.returncode == 0, done.stdout + done.stderr)
