@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
 import pulumi
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from builders.networks import is_public, is_tailnet_ip
@@ -61,35 +61,25 @@ def _address(value: str) -> str:
         raise ValueError("must be an IP address such as 203.0.113.7 or 2001:db8::1") from None
 
 
+def _one_of(allowed: Iterable[str], note: str = "") -> AfterValidator:
+    choices = tuple(allowed)
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}{note}")
+        return value
+
+    return AfterValidator(check)
+
+
 class ExitNodeConfig(_Model):
-    location: str = "fsn1"
-    server_type: str = "cx23"
-    image: str = "ubuntu-24.04"
+    location: Annotated[str, _one_of(HETZNER_LOCATIONS)] = "fsn1"
+    server_type: Annotated[str, _one_of(HETZNER_SERVER_TYPES, " (cx22 and cpx11 are retired)")] = "cx23"
+    image: Annotated[str, _one_of(EXIT_NODE_IMAGES)] = "ubuntu-24.04"
     ssh_allowed_cidrs: list[str] = Field(default_factory=list)
     # Bring your own exit node: no Hetzner resource is created.
     existing_tailnet_ip: str | None = None
     existing_public_ips: list[str] = Field(default_factory=list)
-
-    @field_validator("location")
-    @classmethod
-    def _location(cls, v: str) -> str:
-        if v not in HETZNER_LOCATIONS:
-            raise ValueError(f"must be one of {', '.join(HETZNER_LOCATIONS)}")
-        return v
-
-    @field_validator("server_type")
-    @classmethod
-    def _server_type(cls, v: str) -> str:
-        if v not in HETZNER_SERVER_TYPES:
-            raise ValueError(f"must be one of {', '.join(HETZNER_SERVER_TYPES)} (cx22 and cpx11 are retired)")
-        return v
-
-    @field_validator("image")
-    @classmethod
-    def _image(cls, v: str) -> str:
-        if v not in EXIT_NODE_IMAGES:
-            raise ValueError(f"must be one of {', '.join(EXIT_NODE_IMAGES)}")
-        return v
 
     @field_validator("ssh_allowed_cidrs")
     @classmethod
