@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv tools test lint test-datapath test-all render preview up destroy bench bench-datapath clean
+.PHONY: help venv tools test lint datapath-bins test-datapath test-all render preview up destroy bench bench-datapath clean
 
 help:
 	@sed -n '1,5p' Makefile
@@ -38,18 +38,23 @@ tools: venv $(NCA_STAMP)
 	bash scripts/install-test-tools.sh
 
 test: tools
-	$(PY) -m pytest --ignore=tests/datapath
+	$(PY) -m pytest
 
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy .
 
-# Builds (or reuses) tailscaled, tailscale, containerboot and headscale, then runs
-# them in network namespaces: needs Linux and root.
-test-datapath: venv
+# tailscaled, tailscale, containerboot and headscale built from the Go module
+# proxy at pinned versions into ~/.cache/tailscale-egress (minutes the first
+# time, then reused); never into the repository.
+datapath-bins:
 	bash scripts/build-datapath-bins.sh
-	$(PY) -m pytest -m datapath tests/datapath
+
+# The real data path in network namespaces: needs Linux, root, Go and iptables.
+test-datapath: venv datapath-bins
+	bash scripts/install-test-tools.sh --datapath
+	$(PY) -m pytest -m datapath tests/datapath -v
 
 test-all: lint test test-datapath
 
@@ -59,8 +64,8 @@ render: venv
 bench: venv
 	$(PY) tools/bench.py
 
-bench-datapath: venv
-	bash scripts/build-datapath-bins.sh
+bench-datapath: venv datapath-bins
+	bash scripts/install-test-tools.sh --datapath
 	$(PY) tools/bench_datapath.py
 
 # Deploying needs the Pulumi CLI (https://www.pulumi.com/docs/install/) and the

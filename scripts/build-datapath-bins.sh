@@ -12,8 +12,11 @@ set -euo pipefail
 
 # Must equal the tag of the relay image (ghcr.io/tailscale/tailscale:<version>).
 TAILSCALE_VERSION=v1.102.5
-# Newest release that builds with the local Go and whose capver accepts v1.102
-# clients (hscontrol/capver: v0.29.0 knows up to tailscale v1.102).
+# Newest headscale release (v0.27.1, v0.28.0, v0.29.0 on the proxy). It builds
+# with Go 1.26 (its go.mod: go 1.26.4, no replace directives) and accepts
+# tailscale v1.102 clients: it only enforces a MINIMUM capability version
+# (hscontrol/noise.go: version >= capver.MinSupportedCapabilityVersion = 113;
+# v1.102.5 sends 142).
 HEADSCALE_VERSION=v0.29.0
 
 CACHE="${TS_EGRESS_CACHE:-$HOME/.cache/tailscale-egress}"
@@ -59,7 +62,7 @@ done
 build_headscale() {
     local out="$HS_DIR/headscale" mod="$CACHE/src/headscale-$HEADSCALE_VERSION"
     if [[ -x "$out" ]] && go version -m "$out" 2>/dev/null \
-        | grep -qE "^[[:space:]]+dep[[:space:]]+github\.com/juanfont/headscale[[:space:]]+${HEADSCALE_VERSION//./\\.}([[:space:]]|$)"; then
+        | grep -qE "^[[:space:]]+(mod|dep)[[:space:]]+github\.com/juanfont/headscale[[:space:]]+${HEADSCALE_VERSION//./\\.}([[:space:]]|$)"; then
         echo "up to date: $out"
         return 0
     fi

@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite needs (cloud-init for
-# `cloud-init schema`, shellcheck), where this machine can. Under CI=true a
-# tool that cannot be installed is an error; elsewhere the tests that need it
-# are skipped with the command that installs it.
+# Installs the Debian packages the tests need, where this machine can:
+#   (default)    cloud-init (for `cloud-init schema`) and shellcheck
+#   --datapath   iptables, iproute2, util-linux, curl, openssl (network namespaces)
+# Under CI=true a tool that cannot be installed is an error; elsewhere the
+# tests that need it are skipped, naming the command that installs it.
 set -euo pipefail
 
-packages=(cloud-init shellcheck)
-missing=()
-command -v cloud-init >/dev/null || missing+=(cloud-init)
-command -v shellcheck >/dev/null || missing+=(shellcheck)
-[ ${#missing[@]} -eq 0 ] && exit 0
-
-if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "install-test-tools: installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-elif command -v apt-get >/dev/null && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-  sudo apt-get update -qq
-  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ "${1:-}" = "--datapath" ]; then
+  wanted=(iptables:iptables ip:iproute2 nsenter:util-linux setpriv:util-linux curl:curl openssl:openssl)
 else
-  msg="install-test-tools: cannot install ${missing[*]} here (needs apt-get as root); install them with your package manager: ${packages[*]}"
-  if [ "${CI:-}" = "true" ]; then echo "$msg" >&2; exit 1; fi
-  echo "$msg (the tests that need them will be skipped)" >&2
+  wanted=(cloud-init:cloud-init shellcheck:shellcheck)
 fi
+
+missing=()
+for entry in "${wanted[@]}"; do
+  command -v "${entry%%:*}" >/dev/null || missing+=("${entry#*:}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+
+as_root=()
+[ "$(id -u)" = 0 ] || as_root=(sudo -n)
+if command -v apt-get >/dev/null && "${as_root[@]}" true 2>/dev/null; then
+  echo "install-test-tools: installing ${missing[*]}"
+  "${as_root[@]}" apt-get update -qq
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  exit 0
+fi
+msg="install-test-tools: cannot install ${missing[*]} here (needs apt-get as root): apt-get install ${missing[*]}"
+if [ "${CI:-}" = "true" ]; then echo "$msg" >&2; exit 1; fi
+echo "$msg (the tests that need them will be skipped)" >&2

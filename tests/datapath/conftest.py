@@ -14,27 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from .topology import (
-    Topology,
-    TopologyError,
-    build_bins,
-    missing_prerequisites,
-    start_full,
-)
+from .topology import Topology, TopologyError, build_bins, missing_prerequisites, start_full
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "datapath: real tailscale/headscale data path in network namespaces (root)",
-    )
+    config.addinivalue_line("markers", "datapath: real tailscale/headscale data path in network namespaces (root)")
 
 
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(
-            f"data-path tests cannot run under CI=true: {reason}", pytrace=False
-        )
+        pytest.fail(f"data-path tests cannot run under CI=true: {reason}", pytrace=False)
     pytest.skip(reason)
 
 
@@ -54,9 +43,7 @@ TopoFactory = Callable[..., Topology]
 
 
 @pytest.fixture
-def make_topology(
-    bin_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TopoFactory]:
+def make_topology(bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TopoFactory]:
     """Build a fresh full topology per call; all are torn down after the test."""
     made: list[Topology] = []
 

@@ -56,13 +56,9 @@ class _Server(ThreadingHTTPServer):
 
     def get_request(self) -> tuple[socket.socket, object]:
         sock, addr = super().get_request()
-        self.conn_log.write(
-            {"peer": addr[0], "peer_port": addr[1], "port": self.server_address[1]}
-        )
+        self.conn_log.write({"peer": addr[0], "peer_port": addr[1], "port": self.server_address[1]})
         if self.tls is not None:
-            sock = self.tls.wrap_socket(
-                sock, server_side=True, do_handshake_on_connect=False
-            )
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
 

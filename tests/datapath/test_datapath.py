@@ -25,15 +25,7 @@ from typing import Any
 import pytest
 
 from .echo_server import big_payload_sha256
-from .topology import (
-    ECHO_NAME,
-    EXIT_PUBLIC_IP,
-    INTERNET_IP,
-    LAN_IP,
-    RELAY_IP,
-    Topology,
-    wait_for,
-)
+from .topology import ECHO_NAME, EXIT_PUBLIC_IP, INTERNET_IP, LAN_IP, RELAY_IP, Topology, wait_for
 
 pytestmark = pytest.mark.datapath
 
@@ -60,9 +52,7 @@ def relay_status(t: Topology) -> dict[str, Any]:
 
 def exit_peer(t: Topology) -> dict[str, Any] | None:
     for peer in (relay_status(t).get("Peer") or {}).values():
-        if str(peer.get("HostName", "")).startswith("exit") or str(
-            peer.get("DNSName", "")
-        ).startswith("exit"):
+        if str(peer.get("HostName", "")).startswith("exit") or str(peer.get("DNSName", "")).startswith("exit"):
             return dict(peer)
     return None
 
@@ -74,14 +64,11 @@ def get_through(t: Topology, url: str, proxy: str, timeout: float = 10) -> str |
 
 def wait_traffic_via_exit(t: Topology, timeout: float = 60) -> None:
     for proxy in proxies(t):
-        wait_for(
-            f"traffic via {proxy} seen from the exit node",
-            lambda proxy=proxy: (
-                get_through(t, ECHO_IP_URL, proxy, timeout=5) == EXIT_PUBLIC_IP
-            ),
-            timeout,
-            interval=1,
-        )
+
+        def via_exit(proxy: str = proxy) -> bool:
+            return get_through(t, ECHO_IP_URL, proxy, timeout=5) == EXIT_PUBLIC_IP
+
+        wait_for(f"traffic via {proxy} seen from the exit node", via_exit, timeout, interval=1)
 
 
 # --------------------------------------------------------------- happy path
@@ -112,12 +99,7 @@ def test_large_download_intact(base: Topology, tmp_path: Path, kind: str) -> Non
 def test_workload_direct_connections_fail(base: Topology) -> None:
     before_lan = len(base.connections("lan"))
     before_inet = len(base.connections("internet"))
-    for url in (
-        INTERNET_BY_IP_URL,
-        f"http://{INTERNET_IP}/ip",
-        LAN_URL,
-        f"https://{LAN_IP}/ip",
-    ):
+    for url in (INTERNET_BY_IP_URL, f"http://{INTERNET_IP}/ip", LAN_URL, f"https://{LAN_IP}/ip"):
         p = base.curl(url, timeout=5)
         assert p.returncode != 0, f"workload reached {url} directly: {p.stdout!r}"
     # The workload's only way out is the relay's proxy ports.
@@ -167,39 +149,77 @@ def test_exit_restart_liveness_and_recovery(base: Topology) -> None:
     assert set(peers(base, "internet")) == {EXIT_PUBLIC_IP}
 
 
+def test_upstream_exit_node_status_online_is_stale(base: Topology) -> None:
+    """Observed upstream behaviour (tailscale v1.102.5), recorded for the probe.
+
+    `tailscale status --json` keeps ``ExitNodeStatus.Online: true`` after the
+    exit node went offline (it is computed from the last full netmap, which
+    peer-online deltas do not update; ipn/ipnlocal/local.go), while the
+    peer's own ``Online`` turns false. A readiness probe must read the peer
+    entry (``ExitNode``/``ExitNodeOption``/``Online``), not ExitNodeStatus.
+    """
+    wait_traffic_via_exit(base)
+    base.stop_exit()
+    try:
+
+        def peer_offline() -> bool:
+            peer = exit_peer(base)
+            return peer is not None and not peer.get("Online")
+
+        wait_for("exit peer offline in the relay's status", peer_offline, 45)
+        status = relay_status(base).get("ExitNodeStatus") or {}
+        assert status.get("Online") is True, f"ExitNodeStatus now follows the peer: {status}"
+        assert not base.relay_ready()
+    finally:
+        base.start_exit_daemon()
+    wait_traffic_via_exit(base, timeout=90)
+
+
 def test_relay_restart_rejoins(base: Topology) -> None:
     """Kill the relay; the same config comes back within its boot timeout."""
-    proc = base.procs["relay"]
-    proc.stop(signal.SIGKILL)
+    base.procs["relay"].kill_all()
     boot_timeout = float(base._spec().env.get("TS_BOOT_TIMEOUT", "60s").rstrip("s"))
     start = time.monotonic()
     base.start_relay()
     base.wait_relay_ready(timeout=boot_timeout)
-    wait_traffic_via_exit(
-        base, timeout=max(5.0, boot_timeout - (time.monotonic() - start))
-    )
+    wait_traffic_via_exit(base, timeout=max(5.0, boot_timeout - (time.monotonic() - start)))
     assert time.monotonic() - start <= boot_timeout + 5
     assert set(peers(base, "internet")) == {EXIT_PUBLIC_IP}
+
+
+def node_ids(t: Topology, online: bool | None = None) -> set[str]:
+    return {str(n["id"]) for n in t.nodes() if online is None or bool(n.get("online")) == online}
+
+
+def relay_node_id(t: Topology) -> str:
+    """The headscale ID of the running relay, matched by its node key."""
+    key = relay_status(t)["Self"]["PublicKey"]
+    ids = [str(n["id"]) for n in t.nodes() if n.get("node_key") == key]
+    assert len(ids) == 1, f"relay node key {key} not in headscale: {t.nodes()}"
+    return ids[0]
 
 
 def test_zz_clean_teardown_removes_nodes(base: Topology) -> None:
     """SIGTERM: the ephemeral relay logs out; the exit node after `tailscale logout`.
 
     The exit VM's cloud-init runs `tailscale logout` on poweroff; simulated
-    here by running it before SIGTERM to tailscaled.
+    here by running it before SIGTERM to tailscaled; the exit node joined
+    with an ephemeral key, as the product's does (headscale only EXPIRES a
+    non-ephemeral node on logout, it does not delete it). A relay killed
+    with SIGKILL earlier in this module never logged out and stays listed
+    until headscale's ephemeral inactivity timeout; that is not checked here.
     """
-    relay_host = base._spec().env.get("TS_HOSTNAME", "relay")
-    assert base.node(relay_host) is not None
+    wait_traffic_via_exit(base)
+    relay_id = relay_node_id(base)
+    exit_id = base.exit_node_id()
     rc = base.procs["relay"].stop(signal.SIGTERM, timeout=20)
     assert rc is not None, "containerboot did not exit on SIGTERM"
-    wait_for(
-        "relay node gone from headscale", lambda: base.node(relay_host) is None, 30
-    )
+    wait_for("relay node gone from headscale", lambda: relay_id not in node_ids(base), 30)
 
     base.ts_exit("logout", timeout=30)
     base.stop_exit()
-    wait_for("exit node gone from headscale", lambda: base.node("exit") is None, 30)
-    assert base.nodes() == []
+    wait_for("exit node gone from headscale", lambda: exit_id not in node_ids(base), 30)
+    print(f"left in headscale (relays killed by SIGKILL earlier): {base.nodes()}")
 
 
 # --------------------------------------------------------------- fail closed
@@ -255,12 +275,7 @@ def break_and_probe(t: Topology, case: str) -> Attempts:
     inet0 = len(t.connections("internet"))
     lan0 = len(t.connections("lan"))
     BREAKS[case](t)
-    wait_for(
-        f"relay to see the exit node {case}",
-        lambda: relay_view_changed(t, case),
-        30,
-        interval=1,
-    )
+    wait_for(f"relay to see the exit node {case}", lambda: relay_view_changed(t, case), 30, interval=1)
     # Give readiness time to follow (probe period), then sample it.
     ready = True
     deadline = time.monotonic() + 15
@@ -277,25 +292,24 @@ def break_and_probe(t: Topology, case: str) -> Attempts:
                 if body is not None:
                     succeeded.append(f"{proxy} {url} -> {body}")
         time.sleep(1)
-    return Attempts(
+    a = Attempts(
         ready_after_break=ready and t.relay_ready(),
         succeeded=succeeded,
         internet_peers=peers(t, "internet", inet0),
         lan_peers=peers(t, "lan", lan0),
     )
+    # Shown with -rA / -s: the report of what was observed.
+    print(f"exit node {case}: {a}")
+    return a
 
 
 @pytest.mark.parametrize("case", list(BREAKS))
-def test_fail_closed_with_relay_egress_policy(
-    make_topology: Callable[..., Topology], case: str
-) -> None:
+def test_fail_closed_with_relay_egress_policy(make_topology: Callable[..., Topology], case: str) -> None:
     """With the rendered relay egress NetworkPolicy enforced: nothing gets out."""
     t = make_topology(policy=True)
     a = break_and_probe(t, case)
     assert not a.ready_after_break, f"relay still ready with exit node {case}"
-    assert a.succeeded == [], (
-        f"requests got through with exit node {case}: {a.succeeded}"
-    )
+    assert a.succeeded == [], f"requests got through with exit node {case}: {a.succeeded}"
     assert a.internet_peers == [], f"internet saw {a.internet_peers}"
     assert a.lan_peers == [], f"lan saw {a.lan_peers}"
 
@@ -307,9 +321,7 @@ UPSTREAM_LEAKS_WITHOUT_POLICY = {"offline": False, "unapproved": True, "deleted"
 
 
 @pytest.mark.parametrize("case", list(BREAKS))
-def test_upstream_userspace_proxy_without_policy(
-    make_topology: Callable[..., Topology], case: str
-) -> None:
+def test_upstream_userspace_proxy_without_policy(make_topology: Callable[..., Topology], case: str) -> None:
     """Records whether the proxies dial directly from the relay's own network.
 
     Expected leak (from tsdial.dialOneUser: UseNetstackForIP is false when

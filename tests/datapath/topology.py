@@ -21,6 +21,7 @@ Namespaces left behind by a run whose process is gone are removed on the next
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -76,9 +77,7 @@ class TopologyError(RuntimeError):
 
 
 def cache_bin_dir() -> Path:
-    base = os.environ.get("TS_EGRESS_CACHE") or str(
-        Path.home() / ".cache" / "tailscale-egress"
-    )
+    base = os.environ.get("TS_EGRESS_CACHE") or str(Path.home() / ".cache" / "tailscale-egress")
     return Path(base) / "bin"
 
 
@@ -89,38 +88,19 @@ def missing_prerequisites() -> list[str]:
         out.append("needs Linux network namespaces")
     if os.geteuid() != 0:
         out.append("needs root (ip netns, veth, iptables)")
-    for tool in (
-        "ip",
-        "iptables",
-        "ip6tables",
-        "nsenter",
-        "setpriv",
-        "curl",
-        "openssl",
-        "go",
-    ):
+    for tool in ("ip", "iptables", "ip6tables", "nsenter", "setpriv", "curl", "openssl", "go"):
         if shutil.which(tool) is None:
             out.append(f"`{tool}` not found on PATH")
     if not Path("/dev/net/tun").exists():
-        out.append(
-            "/dev/net/tun missing (exit node runs tailscaled in kernel TUN mode)"
-        )
+        out.append("/dev/net/tun missing (exit node runs tailscaled in kernel TUN mode)")
     return out
 
 
 def build_bins(timeout: float = 3000) -> Path:
     """Run the (idempotent) build script; return the directory of the binaries."""
-    proc = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    proc = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
-        raise TopologyError(
-            f"{BUILD_SCRIPT} failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
+        raise TopologyError(f"{BUILD_SCRIPT} failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     d = cache_bin_dir()
     for name in BIN_NAMES:
         if not os.access(d / name, os.X_OK):
@@ -128,9 +108,7 @@ def build_bins(timeout: float = 3000) -> Path:
     return d
 
 
-def wait_for(
-    what: str, pred: Callable[[], object], timeout: float, interval: float = 0.25
-) -> Any:
+def wait_for(what: str, pred: Callable[[], object], timeout: float, interval: float = 0.25) -> Any:
     """Poll ``pred`` until truthy; raise TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
@@ -143,9 +121,7 @@ def wait_for(
             last_exc = e
         if time.monotonic() >= deadline:
             extra = f" (last error: {last_exc!r})" if last_exc else ""
-            raise TimeoutError(
-                f"timed out after {timeout:.0f}s waiting for {what}{extra}"
-            )
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
         time.sleep(interval)
 
 
@@ -162,26 +138,46 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         if self.alive():
             os.kill(self.popen.pid, sig)
 
+    def descendants(self) -> list[int]:
+        """PIDs of all live descendants (tailscaled puts itself in its own group)."""
+        out: list[int] = []
+        todo = [self.popen.pid]
+        while todo:
+            pid = todo.pop()
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                with contextlib.suppress(OSError, ValueError):
+                    kids = [int(k) for k in (task / "children").read_text().split()]
+                    out += kids
+                    todo += kids
+        return out
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
-        """Signal the process, wait, then SIGKILL its process group if needed."""
+        """Like a container runtime: ``sig`` to the main process, wait, then
+        SIGKILL everything that is left of its process tree."""
+        tree = self.descendants()
         if self.alive():
-            self.signal(sig)
-            try:
+            self.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in [self.popen.pid, *tree]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         try:
             return self.popen.wait(5)
         except subprocess.TimeoutExpired:
             return None
+
+    def kill_all(self) -> None:
+        """SIGKILL the whole process tree at once (a crashed/OOM-killed container)."""
+        for pid in [self.popen.pid, *self.descendants()]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5)
 
     def tail(self, n: int = 60) -> str:
         try:
@@ -201,6 +197,7 @@ class RelaySpec:
     liveness_port: int
     run_as_user: int
     run_as_group: int
+    read_only_root: bool
     proxy_ports: list[int]
     network_policies: list[dict[str, Any]] = field(default_factory=list)
 
@@ -210,13 +207,10 @@ def _find_relay(objs: list[dict[str, Any]]) -> dict[str, Any]:
         o
         for o in objs
         if o.get("kind") == "Deployment"
-        and (o.get("metadata", {}).get("labels") or {}).get("app.kubernetes.io/name")
-        == RELAY_LABEL
+        and (o.get("metadata", {}).get("labels") or {}).get("app.kubernetes.io/name") == RELAY_LABEL
     ]
     if len(deps) != 1:
-        raise TopologyError(
-            f"expected one relay Deployment labelled {RELAY_LABEL}, got {len(deps)}"
-        )
+        raise TopologyError(f"expected one relay Deployment labelled {RELAY_LABEL}, got {len(deps)}")
     return deps[0]
 
 
@@ -257,13 +251,9 @@ def relay_spec_from_manifests(objs: list[dict[str, Any]]) -> RelaySpec:
     ns = dep.get("metadata", {}).get("namespace", "default")
     pod = dep["spec"]["template"]
     pod_labels: dict[str, str] = pod.get("metadata", {}).get("labels") or {}
-    containers = [
-        c for c in pod["spec"]["containers"] if c.get("name") == RELAY_CONTAINER
-    ]
+    containers = [c for c in pod["spec"]["containers"] if c.get("name") == RELAY_CONTAINER]
     if len(containers) != 1:
-        raise TopologyError(
-            f"relay Deployment has no container named {RELAY_CONTAINER!r}"
-        )
+        raise TopologyError(f"relay Deployment has no container named {RELAY_CONTAINER!r}")
     c = containers[0]
     env: dict[str, str] = {}
     authkey_env = ""
@@ -275,15 +265,11 @@ def relay_spec_from_manifests(objs: list[dict[str, Any]]) -> RelaySpec:
             if name in AUTHKEY_ENV and "secretKeyRef" in item["valueFrom"]:
                 authkey_env = name
             else:
-                raise TopologyError(
-                    f"unsupported valueFrom for env {name}: {item['valueFrom']}"
-                )
+                raise TopologyError(f"unsupported valueFrom for env {name}: {item['valueFrom']}")
         else:
             env[name] = ""
     if c.get("envFrom"):
-        raise TopologyError(
-            "envFrom on the relay container is not supported by this harness"
-        )
+        raise TopologyError("envFrom on the relay container is not supported by this harness")
     if not authkey_env:
         raise TopologyError("relay container has no TS_AUTHKEY from a secretKeyRef")
     ready = c.get("readinessProbe", {}).get("exec", {}).get("command")
@@ -300,13 +286,7 @@ def relay_spec_from_manifests(objs: list[dict[str, Any]]) -> RelaySpec:
     sc = c.get("securityContext") or {}
     uid = int(sc.get("runAsUser", sc_pod.get("runAsUser", DEFAULT_RELAY_UID)))
     gid = int(sc.get("runAsGroup", sc_pod.get("runAsGroup", uid)))
-    ports = sorted(
-        {
-            _port_of(env[k])
-            for k in ("TS_SOCKS5_SERVER", "TS_OUTBOUND_HTTP_PROXY_LISTEN")
-            if env.get(k)
-        }
-    )
+    ports = sorted({_port_of(env[k]) for k in ("TS_SOCKS5_SERVER", "TS_OUTBOUND_HTTP_PROXY_LISTEN") if env.get(k)})
     pols = [
         o
         for o in objs
@@ -323,14 +303,13 @@ def relay_spec_from_manifests(objs: list[dict[str, Any]]) -> RelaySpec:
         liveness_port=int(live_port),
         run_as_user=uid,
         run_as_group=gid,
+        read_only_root=bool(sc.get("readOnlyRootFilesystem", False)),
         proxy_ports=ports,
         network_policies=pols,
     )
 
 
-def netpol_to_iptables(
-    policies: Sequence[Mapping[str, Any]],
-) -> dict[int, list[list[str]]]:
+def netpol_to_iptables(policies: Sequence[Mapping[str, Any]]) -> dict[int, list[list[str]]]:
     """Translate egress NetworkPolicies into OUTPUT rules, per IP family.
 
     A stand-in for kube-router: loopback, ESTABLISHED/RELATED and ICMP are
@@ -346,16 +325,7 @@ def netpol_to_iptables(
             ["-N", "TSE-EGRESS"],
             ["-A", "OUTPUT", "-j", "TSE-EGRESS"],
             ["-A", "TSE-EGRESS", "-o", "lo", "-j", "ACCEPT"],
-            [
-                "-A",
-                "TSE-EGRESS",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
+            ["-A", "TSE-EGRESS", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
             ["-A", "TSE-EGRESS", "-p", icmp, "-j", "ACCEPT"],
         ]
     n = 0
@@ -366,9 +336,7 @@ def netpol_to_iptables(
                 proto = str(p.get("protocol", "TCP")).lower()
                 port = p.get("port")
                 if isinstance(port, str) and not port.isdigit():
-                    raise TopologyError(
-                        f"named port {port!r} in relay egress policy unsupported"
-                    )
+                    raise TopologyError(f"named port {port!r} in relay egress policy unsupported")
                 if port is None:
                     ports.append((proto, None))
                 elif p.get("endPort"):
@@ -399,19 +367,11 @@ def netpol_to_iptables(
                     rr = ["-A", chain, "-p", proto]
                     if port is not None:
                         rr += ["--dport", port]
-                    r.append(rr + ["-j", "ACCEPT"])
-    rules[4].append(
-        ["-A", "TSE-EGRESS", "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]
-    )
-    rules[4].append(
-        ["-A", "TSE-EGRESS", "-j", "REJECT", "--reject-with", "icmp-port-unreachable"]
-    )
-    rules[6].append(
-        ["-A", "TSE-EGRESS", "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]
-    )
-    rules[6].append(
-        ["-A", "TSE-EGRESS", "-j", "REJECT", "--reject-with", "icmp6-port-unreachable"]
-    )
+                    r.append([*rr, "-j", "ACCEPT"])
+    rules[4].append(["-A", "TSE-EGRESS", "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"])
+    rules[4].append(["-A", "TSE-EGRESS", "-j", "REJECT", "--reject-with", "icmp-port-unreachable"])
+    rules[6].append(["-A", "TSE-EGRESS", "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"])
+    rules[6].append(["-A", "TSE-EGRESS", "-j", "REJECT", "--reject-with", "icmp6-port-unreachable"])
     return rules
 
 
@@ -428,6 +388,12 @@ class Topology:
         for name in BIN_NAMES:
             shutil.copy2(bin_dir / name, self.bin / name)
         os.chmod(self.bin, 0o755)
+        # What the relay sees at /usr/local/bin (bind-mounted, see start_relay).
+        self.image_bin = self.workdir / "image-bin"
+        self.image_bin.mkdir(exist_ok=True)
+        for name in ("tailscaled", "tailscale", "containerboot"):
+            shutil.copy2(bin_dir / name, self.image_bin / name)
+        os.chmod(self.image_bin, 0o755)
         self.procs: dict[str, Proc] = {}
         self.namespaces: list[str] = []
         self.ca_cert = self.workdir / "ca.crt"
@@ -441,16 +407,10 @@ class Topology:
     def ns(self, role: str) -> str:
         return self.prefix + role
 
-    def _host(
-        self, args: Sequence[str], check: bool = True, timeout: float = 30
-    ) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run(
-            list(args), capture_output=True, text=True, timeout=timeout, check=False
-        )
+    def _host(self, args: Sequence[str], check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False)
         if check and p.returncode != 0:
-            raise TopologyError(
-                f"{shlex.join(args)} -> rc={p.returncode}\n{p.stdout}{p.stderr}"
-            )
+            raise TopologyError(f"{shlex.join(args)} -> rc={p.returncode}\n{p.stdout}{p.stderr}")
         return p
 
     def run(
@@ -471,27 +431,17 @@ class Topology:
             env=None if env is None else {**os.environ, **env},
         )
         if check and p.returncode != 0:
-            raise TopologyError(
-                f"{shlex.join(full)} -> rc={p.returncode}\n{p.stdout}{p.stderr}"
-            )
+            raise TopologyError(f"{shlex.join(full)} -> rc={p.returncode}\n{p.stdout}{p.stderr}")
         return p
 
-    def spawn(
-        self,
-        role: str,
-        name: str,
-        args: Sequence[str],
-        env: Mapping[str, str] | None = None,
-    ) -> Proc:
+    def spawn(self, role: str, name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
         old = self.procs.get(name)
         if old is not None and old.alive():
             raise TopologyError(f"process {name} already running")
         log = self.workdir / "logs" / f"{name}.log"
         log.parent.mkdir(exist_ok=True)
         with log.open("ab") as f:
-            f.write(
-                f"\n==== {time.strftime('%H:%M:%S')} start {shlex.join(args)}\n".encode()
-            )
+            f.write(f"\n==== {time.strftime('%H:%M:%S')} start {shlex.join(args)}\n".encode())
             f.flush()
             popen = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns(role), *args],
@@ -509,9 +459,7 @@ class Topology:
     @staticmethod
     def reap_stale() -> None:
         """Remove namespaces of earlier runs whose pytest/bench process is gone."""
-        out = subprocess.run(
-            ["ip", "netns", "list"], capture_output=True, text=True, check=False
-        ).stdout
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
         for line in out.splitlines():
             name = line.split()[0] if line.split() else ""
             if not name.startswith(NS_TAG) or "-" not in name:
@@ -519,20 +467,11 @@ class Topology:
             owner = name[len(NS_TAG) :].split("x", 1)[0]
             if not owner.isdigit() or Path(f"/proc/{owner}").exists():
                 continue
-            pids = subprocess.run(
-                ["ip", "netns", "pids", name],
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False).stdout
             for pid in pids.split():
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            subprocess.run(
-                ["ip", "netns", "del", name], capture_output=True, check=False
-            )
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
             shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
 
     def create(self) -> None:
@@ -544,9 +483,7 @@ class Topology:
             etc = Path("/etc/netns") / self.ns(role)
             etc.mkdir(parents=True, exist_ok=True)
             # No resolver anywhere: lookups fail fast instead of leaving the topology.
-            (etc / "resolv.conf").write_text(
-                "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
-            )
+            (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
             (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
             self.run(role, ["ip", "link", "set", "lo", "up"])
         self.run(ROUTER, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
@@ -571,13 +508,9 @@ class Topology:
                     self.ns(role),
                 ]
             )
-            self.run(
-                ROUTER, ["ip", "addr", "add", f"{gw}/{net.prefixlen}", "dev", rt_if]
-            )
+            self.run(ROUTER, ["ip", "addr", "add", f"{gw}/{net.prefixlen}", "dev", rt_if])
             self.run(ROUTER, ["ip", "link", "set", rt_if, "up"])
-            self.run(
-                role, ["ip", "addr", "add", f"{leaf}/{net.prefixlen}", "dev", "eth0"]
-            )
+            self.run(role, ["ip", "addr", "add", f"{leaf}/{net.prefixlen}", "dev", "eth0"])
             self.run(role, ["ip", "link", "set", "eth0", "up"])
             # Default route to the router only: the router has no default route,
             # so nothing can leave the topology.
@@ -602,13 +535,8 @@ class Topology:
             ],
         )
         self.run(ROUTER, ["iptables", "-N", "TSE-WORKLOAD"])
-        self.run(
-            ROUTER,
-            ["iptables", "-A", "FORWARD", "-i", "v-workload", "-j", "TSE-WORKLOAD"],
-        )
-        self.run(
-            ROUTER, ["iptables", "-A", "FORWARD", "-i", "v-workload", "-j", "REJECT"]
-        )
+        self.run(ROUTER, ["iptables", "-A", "FORWARD", "-i", "v-workload", "-j", "TSE-WORKLOAD"])
+        self.run(ROUTER, ["iptables", "-A", "FORWARD", "-i", "v-workload", "-j", "REJECT"])
         self.run(
             ROUTER,
             [
@@ -625,26 +553,10 @@ class Topology:
                 "ACCEPT",
             ],
         )
-        self.run(
-            ROUTER, ["iptables", "-A", "FORWARD", "-o", "v-workload", "-j", "REJECT"]
-        )
+        self.run(ROUTER, ["iptables", "-A", "FORWARD", "-o", "v-workload", "-j", "REJECT"])
         # The lan (the laptop's home network) is reachable from the pod network
         # only, as on the laptop; the exit node and the internet cannot reach it.
-        self.run(
-            ROUTER,
-            [
-                "iptables",
-                "-A",
-                "FORWARD",
-                "-o",
-                "v-lan",
-                "!",
-                "-i",
-                "v-relay",
-                "-j",
-                "REJECT",
-            ],
-        )
+        self.run(ROUTER, ["iptables", "-A", "FORWARD", "-o", "v-lan", "!", "-i", "v-relay", "-j", "REJECT"])
         self._make_certs()
         # /etc/hosts for the name of the echo server only where a user resolver
         # would run it: nowhere by default (the relay gets it from headscale).
@@ -654,27 +566,15 @@ class Topology:
         for port in ports:
             self.run(
                 ROUTER,
-                [
-                    "iptables",
-                    "-A",
-                    "TSE-WORKLOAD",
-                    "-d",
-                    RELAY_IP,
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    str(port),
-                    "-j",
-                    "ACCEPT",
-                ],
+                ["iptables", "-A", "TSE-WORKLOAD", "-d", RELAY_IP, "-p", "tcp", "--dport", str(port), "-j", "ACCEPT"],
             )
 
     def _make_certs(self) -> None:
         d = self.workdir
         ossl = ["openssl"]
         self._host(
-            ossl
-            + [
+            [
+                *ossl,
                 "req",
                 "-x509",
                 "-newkey",
@@ -700,8 +600,8 @@ class Topology:
             ext = d / f"{name}.ext"
             ext.write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n")
             self._host(
-                ossl
-                + [
+                [
+                    *ossl,
                     "req",
                     "-newkey",
                     "ec",
@@ -717,8 +617,8 @@ class Topology:
                 ]
             )
             self._host(
-                ossl
-                + [
+                [
+                    *ossl,
                     "x509",
                     "-req",
                     "-in",
@@ -741,9 +641,7 @@ class Topology:
         bundle = d / "ssl" / "certs" / "ca-certificates.crt"
         bundle.parent.mkdir(parents=True, exist_ok=True)
         system = Path("/etc/ssl/certs/ca-certificates.crt")
-        bundle.write_text(
-            (system.read_text() if system.exists() else "") + self.ca_cert.read_text()
-        )
+        bundle.write_text((system.read_text() if system.exists() else "") + self.ca_cert.read_text())
         os.chmod(d / "ssl", 0o755)
         os.chmod(d / "ssl" / "certs", 0o755)
         os.chmod(bundle, 0o644)
@@ -790,11 +688,7 @@ class Topology:
             "grpc_listen_addr": "127.0.0.1:50443",
             "grpc_allow_insecure": False,
             "noise": {"private_key_path": str(d / "noise_private.key")},
-            "prefixes": {
-                "v4": "100.64.0.0/10",
-                "v6": "fd7a:115c:a1e0::/48",
-                "allocation": "sequential",
-            },
+            "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48", "allocation": "sequential"},
             "derp": {
                 "server": {
                     "enabled": True,
@@ -814,10 +708,7 @@ class Topology:
             },
             "disable_check_updates": True,
             "node": {"expiry": 0, "ephemeral": {"inactivity_timeout": "30m"}},
-            "database": {
-                "type": "sqlite",
-                "sqlite": {"path": str(d / "db.sqlite"), "write_ahead_log": True},
-            },
+            "database": {"type": "sqlite", "sqlite": {"path": str(d / "db.sqlite"), "write_ahead_log": True}},
             "tls_cert_path": str(self.workdir / "control.crt"),
             "tls_key_path": str(self.workdir / "control.key"),
             "log": {"level": "info", "format": "text"},
@@ -828,11 +719,10 @@ class Topology:
                 "override_local_dns": False,
                 "nameservers": {"global": [], "split": {}},
                 "search_domains": [],
-                # The names workloads use are resolved by the relay's tailscaled
-                # from this netmap entry (tsdial resolveMagicDNS -> ExtraRecords).
-                "extra_records": [
-                    {"name": ECHO_NAME, "type": "A", "value": INTERNET_IP}
-                ],
+                # Resolved by the relay's tailscaled from the netmap (tsdial
+                # resolveMagicDNS -> ExtraDNSByName); it only uses records with
+                # an EMPTY type, so no "type": "A" here.
+                "extra_records": [{"name": ECHO_NAME, "value": INTERNET_IP}],
             },
             "unix_socket": str(d / "headscale.sock"),
             "unix_socket_permission": "0770",
@@ -840,33 +730,18 @@ class Topology:
             "taildrop": {"enabled": False},
         }
         self.hs_config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        p = self.spawn(
-            "control",
-            "headscale",
-            [str(self.bin / "headscale"), "-c", str(self.hs_config), "serve"],
-        )
-        wait_for(
-            "headscale socket",
-            lambda: (d / "headscale.sock").exists() or not p.alive(),
-            30,
-        )
+        p = self.spawn("control", "headscale", [str(self.bin / "headscale"), "-c", str(self.hs_config), "serve"])
+        wait_for("headscale socket", lambda: (d / "headscale.sock").exists() or not p.alive(), 30)
         if not p.alive():
             raise TopologyError(f"headscale exited:\n{p.tail()}")
-        wait_for("headscale CLI", lambda: self.hs("users", "list") is not None, 30)
+        wait_for("headscale CLI", lambda: self.hs("users", "list") or True, 30)
         self.hs("users", "create", HS_USER)
         return p
 
     def hs(self, *args: str, check: bool = True) -> Any:
         p = self.run(
             "control",
-            [
-                str(self.bin / "headscale"),
-                "-c",
-                str(self.hs_config),
-                *args,
-                "-o",
-                "json",
-            ],
+            [str(self.bin / "headscale"), "-c", str(self.hs_config), *args, "-o", "json"],
             check=check,
             timeout=30,
         )
@@ -879,21 +754,15 @@ class Topology:
             return out
 
     def user_id(self) -> str:
-        for u in self.hs("users", "list"):
+        for u in self.hs("users", "list") or []:
             if u.get("name") == HS_USER:
                 return str(u["id"])
         raise TopologyError(f"headscale user {HS_USER} missing")
 
-    def preauth_key(self, ephemeral: bool) -> str:
-        args = [
-            "preauthkeys",
-            "create",
-            "--user",
-            self.user_id(),
-            "--reusable",
-            "--expiration",
-            "2h",
-        ]
+    def preauth_key(self, ephemeral: bool, reusable: bool = True) -> str:
+        args = ["preauthkeys", "create", "--user", self.user_id(), "--expiration", "2h"]
+        if reusable:
+            args.append("--reusable")
         if ephemeral:
             args.append("--ephemeral")
         out = self.hs(*args)
@@ -904,13 +773,13 @@ class Topology:
 
     def nodes(self) -> list[dict[str, Any]]:
         out = self.hs("nodes", "list")
-        return list(out) if isinstance(out, list) else []
+        return list(out) if isinstance(out, list) else []  # JSON null: no nodes
 
     def node(self, hostname_prefix: str) -> dict[str, Any] | None:
         for n in self.nodes():
-            if str(n.get("given_name", n.get("name", ""))).startswith(
-                hostname_prefix
-            ) or str(n.get("name", "")).startswith(hostname_prefix):
+            if str(n.get("given_name", n.get("name", ""))).startswith(hostname_prefix) or str(
+                n.get("name", "")
+            ).startswith(hostname_prefix):
                 return n
         return None
 
@@ -918,16 +787,10 @@ class Topology:
     def exit_env(self) -> dict[str, str]:
         return {"TS_NO_LOGS_NO_SUPPORT": "true", "SSL_CERT_FILE": str(self.ca_bundle)}
 
-    def ts_exit(
-        self, *args: str, check: bool = True, timeout: float = 30
-    ) -> subprocess.CompletedProcess[str]:
+    def ts_exit(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return self.run(
             "exit",
-            [
-                str(self.bin / "tailscale"),
-                f"--socket={self.workdir / 'exit' / 'tailscaled.sock'}",
-                *args,
-            ],
+            [str(self.bin / "tailscale"), f"--socket={self.workdir / 'exit' / 'tailscaled.sock'}", *args],
             check=check,
             timeout=timeout,
             env=self.exit_env(),
@@ -949,11 +812,7 @@ class Topology:
             ],
             env={**os.environ, **self.exit_env()},
         )
-        wait_for(
-            "exit tailscaled socket",
-            lambda: (d / "tailscaled.sock").exists() or not p.alive(),
-            20,
-        )
+        wait_for("exit tailscaled socket", lambda: (d / "tailscaled.sock").exists() or not p.alive(), 20)
         if not p.alive():
             raise TopologyError(f"exit tailscaled exited:\n{p.tail()}")
         return p
@@ -962,22 +821,10 @@ class Topology:
         """Start and register the exit node; return its tailnet IPv4."""
         self.run("exit", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         self.run("exit", ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
-        self.run(
-            "exit",
-            [
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-o",
-                "eth0",
-                "-j",
-                "MASQUERADE",
-            ],
-        )
+        self.run("exit", ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"])
         self.start_exit_daemon()
-        self.exit_authkey = self.exit_authkey or self.preauth_key(ephemeral=False)
+        # Like the product's exit node key: single-use, ephemeral, pre-authorized.
+        self.exit_authkey = self.exit_authkey or self.preauth_key(ephemeral=True, reusable=False)
         self.exit_up()
         if approve:
             self.approve_exit(True)
@@ -1003,23 +850,14 @@ class Topology:
 
     def approve_exit(self, approve: bool) -> None:
         routes = "0.0.0.0/0,::/0" if approve else ""
-        self.hs(
-            "nodes",
-            "approve-routes",
-            "--identifier",
-            self.exit_node_id(),
-            "--routes",
-            routes,
-        )
+        self.hs("nodes", "approve-routes", "--identifier", self.exit_node_id(), "--routes", routes)
 
     def stop_exit(self) -> int | None:
         p = self.procs.get("exit-tailscaled")
         return p.stop() if p else None
 
     # ---------------------------------------------------------------- render
-    def render(
-        self, exit_ip: str, extra_config: Mapping[str, Any] | None = None
-    ) -> list[dict[str, Any]]:
+    def render(self, exit_ip: str, extra_config: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         pre = os.environ.get("TSE_DATAPATH_MANIFESTS")
         if pre:
             # Developer stand-in (not committed): a manifests dir whose
@@ -1035,45 +873,33 @@ class Topology:
                 )
             return load_manifests(out)
         config: dict[str, Any] = {
-            "tailscale-egress:exitNode": {
-                "existingTailnetIp": exit_ip,
-                "existingPublicIps": [EXIT_PUBLIC_IP],
-            },
+            "tailscale-egress:exitNode": {"existingTailnetIp": exit_ip, "existingPublicIps": [EXIT_PUBLIC_IP]},
             "tailscale-egress:tailnet": {"loginServer": LOGIN_SERVER},
-            "tailscale-egress:cluster": {
-                "relayNamespace": "tailscale-egress",
-                "protectedNamespaces": ["default"],
-            },
+            "tailscale-egress:cluster": {"relayNamespace": "tailscale-egress", "protectedNamespaces": ["default"]},
         }
+        if not self.relay_authkey:
+            self.relay_authkey = self.preauth_key(ephemeral=True)
+        # The real (reusable, ephemeral) headscale key: the render puts it in the
+        # relay's Secret; the Deployment reads it through a secretKeyRef, which
+        # this harness resolves to the same key.
+        config["tailscale-egress:relayAuthKey"] = self.relay_authkey
         config.update(extra_config or {})
         cfg_file = self.workdir / "Pulumi.datapath.yaml"
         cfg_file.write_text(yaml.safe_dump({"config": config}, sort_keys=False))
         out = self.workdir / "render"
         render = REPO / "tools" / "render.py"
         if not render.exists():
-            raise TopologyError(
-                f"{render} does not exist (and TSE_DATAPATH_MANIFESTS is not set)"
-            )
-        p = subprocess.run(
-            [
-                sys.executable,
-                str(render),
-                "datapath",
-                "--config-file",
-                str(cfg_file),
-                "--out",
-                str(out),
-            ],
+            raise TopologyError(f"{render} does not exist (and TSE_DATAPATH_MANIFESTS is not set)")
+        proc = subprocess.run(
+            [sys.executable, str(render), "datapath", "--config-file", str(cfg_file), "--out", str(out)],
             capture_output=True,
             text=True,
             timeout=300,
             cwd=REPO,
             check=False,
         )
-        if p.returncode != 0:
-            raise TopologyError(
-                f"tools/render.py failed rc={p.returncode}:\n{p.stdout}\n{p.stderr}"
-            )
+        if proc.returncode != 0:
+            raise TopologyError(f"tools/render.py failed rc={proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return load_manifests(out / "manifests")
 
     # ---------------------------------------------------------------- relay
@@ -1084,7 +910,7 @@ class Topology:
         # What the kubelet and the image add around the Deployment's env.
         env.update(
             {
-                "PATH": f"{self.bin}:{IMAGE_PATH}",
+                "PATH": IMAGE_PATH,
                 "HOSTNAME": "tailscale-egress-relay-0",
                 "HOME": "/",
                 "KUBERNETES_SERVICE_HOST": "10.43.0.1",
@@ -1110,9 +936,7 @@ class Topology:
         """Enforce the rendered relay egress NetworkPolicy in the relay netns."""
         spec = self._spec()
         if not spec.network_policies:
-            raise TopologyError(
-                "render has no egress NetworkPolicy selecting the relay"
-            )
+            raise TopologyError("render has no egress NetworkPolicy selecting the relay")
         rules = netpol_to_iptables(spec.network_policies)
         for fam, tool in ((4, "iptables"), (6, "ip6tables")):
             for r in rules[fam]:
@@ -1123,17 +947,24 @@ class Topology:
     def start_relay(self) -> Proc:
         spec = self._spec()
         env = self.relay_env()
-        # Private /tmp (the pod's emptyDir) and /etc/ssl (the image's CA bundle
-        # plus the test CA) in the relay's own mount namespace, then drop to
-        # the pod's uid/gid with no capabilities.
-        script = (
-            "mount -t tmpfs -o mode=1777,size=64m tmpfs /tmp && "
-            f"mount --bind {shlex.quote(str(self.workdir / 'ssl'))} /etc/ssl && "
-            f"exec setpriv --reuid={spec.run_as_user} --regid={spec.run_as_group} --clear-groups "
-            "--inh-caps=-all --bounding-set=-all --no-new-privs "
-            f"env -i {' '.join(shlex.quote(f'{k}={v}') for k, v in sorted(env.items()))} "
-            f"{shlex.quote(str(self.bin / 'containerboot'))}"
+        # The relay's own mount namespace looks like the container: the built
+        # tailscale binaries at /usr/local/bin (as in the image), /etc/ssl with
+        # the CA bundle plus the test CA, a private /tmp (the pod's emptyDir).
+        # Then drop to the pod's uid/gid with no capabilities.
+        steps = [
+            f"mount --bind {shlex.quote(str(self.workdir / 'ssl'))} /etc/ssl",
+            f"mount --bind {shlex.quote(str(self.image_bin))} /usr/local/bin",
+        ]
+        if spec.read_only_root:  # readOnlyRootFilesystem: / read-only in this mount ns
+            steps.append("mount -o remount,bind,ro /")
+        steps.append("mount -t tmpfs -o mode=1777,size=64m tmpfs /tmp")
+        steps.append(
+            f"exec setpriv --reuid={spec.run_as_user} --regid={spec.run_as_group} "
+            "--clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs env -i "
+            + " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
+            + " /usr/local/bin/containerboot"
         )
+        script = " && ".join(steps)
         return self.spawn("relay", "relay", ["/bin/sh", "-c", script])
 
     def relay_pid(self) -> int:
@@ -1142,9 +973,7 @@ class Topology:
             raise TopologyError("relay is not running")
         return p.pid
 
-    def in_relay(
-        self, args: Sequence[str], timeout: float = 10
-    ) -> subprocess.CompletedProcess[str]:
+    def in_relay(self, args: Sequence[str], timeout: float = 10) -> subprocess.CompletedProcess[str]:
         """Run a command as the kubelet would exec it in the relay container."""
         spec = self._spec()
         env = self.relay_env()
@@ -1163,9 +992,7 @@ class Topology:
             *[f"{k}={v}" for k, v in sorted(env.items())],
             *args,
         ]
-        return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, check=False
-        )
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
     def relay_ready(self) -> bool:
         return self.in_relay(self._spec().readiness).returncode == 0
@@ -1175,17 +1002,7 @@ class Topology:
         url = f"http://{RELAY_IP}:{spec.liveness_port}{spec.liveness_path}"
         p = self.run(
             ROUTER,
-            [
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "3",
-                url,
-            ],
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", url],
             check=False,
             timeout=10,
         )
@@ -1200,9 +1017,7 @@ class Topology:
         try:
             wait_for("relay readiness probe", ok, timeout, interval=1)
         except TimeoutError as e:
-            raise TimeoutError(
-                f"{e}\n--- relay log ---\n{self.procs['relay'].tail()}"
-            ) from None
+            raise TimeoutError(f"{e}\n--- relay log ---\n{self.procs['relay'].tail()}") from None
 
     # ---------------------------------------------------------------- clients
     def curl(
@@ -1221,6 +1036,7 @@ class Topology:
             str(timeout),
             "--cacert",
             str(self.ca_cert),
+            "--fail",  # an HTTP error from the proxy is a failed request
             "--noproxy",
             "",
             "-o",
@@ -1244,20 +1060,11 @@ class Topology:
             except Exception as e:  # noqa: BLE001 - best effort teardown
                 print(f"teardown: stopping {p.name}: {e!r}", file=sys.stderr)
         for name in reversed(self.namespaces):
-            pids = subprocess.run(
-                ["ip", "netns", "pids", name],
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False).stdout
             for pid in pids.split():
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            subprocess.run(
-                ["ip", "netns", "del", name], capture_output=True, check=False
-            )
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
             shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
         self.namespaces.clear()
 
@@ -1269,11 +1076,7 @@ class Topology:
 
 
 def start_full(
-    workdir: Path,
-    bin_dir: Path,
-    approve: bool = True,
-    policy: bool = False,
-    start_relay: bool = True,
+    workdir: Path, bin_dir: Path, approve: bool = True, policy: bool = False, start_relay: bool = True
 ) -> Topology:
     """internet + lan + control + exit (+ rendered relay); closes itself on error."""
     t = Topology(workdir, bin_dir)
