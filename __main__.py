@@ -8,7 +8,7 @@ import pulumi_kubernetes as k8s
 
 from builders.names import StackNames
 from builders.network_policies import relay_egress
-from builders.proxy_env import proxy_environment
+from builders.proxy_env import PROXY_CONFIGMAP, proxy_environment
 from builders.relay import PROXY_PORTS, relay_host
 from components.egress_relay import EgressRelay, EgressRelayArgs
 from components.exit_node import HetznerExitNode, HetznerExitNodeArgs
@@ -86,6 +86,6 @@ pulumi.export("relayEgress", egress.apply(lambda e: e.mode))
 pulumi.export("protectedNamespaces", [ns.name for ns in cfg.cluster.protected_namespaces])
 pulumi.export(
     "usage",
-    "add to a container: envFrom: [{configMapRef: {name: tailscale-egress-proxy}}]"
+    f"add to a container: envFrom: [{{configMapRef: {{name: {PROXY_CONFIGMAP}}}}}]"
     " (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY)",
 )

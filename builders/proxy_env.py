@@ -3,7 +3,13 @@ protected namespace). Nothing in them is secret."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Final
+
+from builders.kube import Manifest, metadata
 from builders.relay import HTTP_PROXY_PORT, SOCKS5_PORT
+
+PROXY_CONFIGMAP: Final = "tailscale-egress-proxy"
 
 
 def proxy_urls(relay_host: str) -> dict[str, str]:
@@ -40,3 +46,13 @@ def proxy_environment(relay_host: str, pod_cidr: str, service_cidr: str, cluster
         "no_proxy": no_proxy,
     }
     return {**{k.upper(): v for k, v in values.items()}, **values}
+
+
+def proxy_configmap(namespace: str, env: Mapping[str, str]) -> Manifest:
+    """The ConfigMap a workload names in `envFrom` (see the `usage` output)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(PROXY_CONFIGMAP, namespace),
+        "data": dict(env),
+    }

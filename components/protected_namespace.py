@@ -16,21 +16,11 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_kubernetes as k8s
 
-from builders.kube import Manifest, metadata, namespace
+from builders.kube import namespace
 from builders.network_policies import protected_namespace_policy
+from builders.proxy_env import proxy_configmap
 from components.kube import apply_manifest
 from config import ProtectedNamespaceConfig
-
-PROXY_CONFIGMAP = "tailscale-egress-proxy"
-
-
-def proxy_configmap(namespace_name: str, env: Mapping[str, str]) -> Manifest:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": metadata(PROXY_CONFIGMAP, namespace_name),
-        "data": dict(env),
-    }
 
 
 @dataclass(frozen=True)
@@ -57,5 +47,4 @@ class ProtectedNamespace(pulumi.ComponentResource):
         in_ns = pulumi.ResourceOptions(parent=self, depends_on=[ns_resource])
         apply_manifest(f"{name}-egress", protected_namespace_policy(ns, args.relay_namespace, args.relay_ports), in_ns)
         apply_manifest(f"{name}-proxy-settings", proxy_configmap(ns, args.proxy_env), in_ns)
-        self.name = ns
         self.register_outputs({})
