@@ -48,11 +48,15 @@ systemctl enable --now {LOGOUT_UNIT}
 
 
 def logout_script() -> str:
-    """Runs while the VM shuts down: on power-off (Hetzner deleting the server
+    """Runs when its unit stops: on power-off (Hetzner deleting the server
     after its ACPI shutdown) the node logs out and leaves the tailnet at once;
-    on a reboot (unattended upgrades) it stays."""
+    on a reboot (unattended upgrades) or any stop while the system keeps
+    running, it stays."""
     return """#!/bin/sh
 set -eu
+if [ "$(systemctl is-system-running || true)" != stopping ]; then
+  exit 0
+fi
 if systemctl list-jobs --no-legend | grep -Eq '^[0-9]+ +reboot\\.target +start'; then
   exit 0
 fi
@@ -62,11 +66,12 @@ exec tailscale logout
 
 def logout_unit() -> str:
     # Active from boot; its ExecStop runs at shutdown before tailscaled stops
-    # (units stop in the reverse of their start order).
+    # (units stop in the reverse of their start order). Wants=, not Requires=:
+    # a tailscaled restarted by an upgrade must not stop (and so run) this unit.
     return f"""[Unit]
 Description=Log this exit node out of the tailnet when the VM is powered off
 After=tailscaled.service network-online.target
-Requires=tailscaled.service
+Wants=tailscaled.service
 
 [Service]
 Type=oneshot

@@ -3,11 +3,13 @@ between stacks, and a teardown that leaves nothing behind."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 
 import yaml
 
-from builders.cloud_init import LOGOUT_UNIT
+from builders.cloud_init import LOGOUT_UNIT, logout_script, logout_unit
 from tests.stacks import dev, dev_config, kube_objects, pinned, with_config
 from tools.mockstack import Evaluation, Registration, evaluate
 
@@ -158,3 +160,37 @@ def test_bring_your_own_exit_node_creates_nothing_on_hetzner() -> None:
     (deployment,) = kube_objects(evaluation, "Deployment")
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "--exit-node=100.64.0.7" in env["TS_EXTRA_ARGS"].split()
+
+
+def _run_logout_script(tmp_path: Path, system_state: str, jobs: str) -> bool:
+    """Runs the exit node's logout script with `systemctl` answering as a VM
+    would; returns whether it logged out."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = is-system-running ]; then echo {system_state}; exit 1; fi\n'
+        f'if [ "$1" = list-jobs ]; then printf "%s\\n" "{jobs}"; fi\n'
+    )
+    (bin_dir / "tailscale").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/tailscale-called\n')
+    script = tmp_path / "logout"
+    script.write_text(logout_script())
+    for f in (bin_dir / "systemctl", bin_dir / "tailscale", script):
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    subprocess.run(["/bin/sh", str(script)], env=env, check=True, timeout=10)
+    called = tmp_path / "tailscale-called"
+    return called.exists() and called.read_text().strip() == "logout"
+
+
+def test_powering_off_the_vm_logs_the_exit_node_out(tmp_path: Path) -> None:
+    assert _run_logout_script(tmp_path, "stopping", "1 poweroff.target start waiting")
+
+
+def test_a_reboot_or_an_upgrade_restarting_tailscaled_keeps_the_exit_node(tmp_path: Path) -> None:
+    (tmp_path / "reboot").mkdir()
+    assert not _run_logout_script(tmp_path / "reboot", "stopping", "7 reboot.target start waiting")
+    (tmp_path / "upgrade").mkdir()
+    assert not _run_logout_script(tmp_path / "upgrade", "running", "")
+    # An upgrade restarts tailscaled: a unit that Requires= it would be stopped with it.
+    assert "Requires=tailscaled" not in logout_unit() and "BindsTo=" not in logout_unit()
