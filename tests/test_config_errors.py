@@ -9,9 +9,9 @@ from typing import Any
 import pulumi
 import pytest
 
-from config import ConfigError, parse_config
+from config import ConfigError, StackConfig, parse_config
 from preflight import PreflightError
-from tests.stacks import dev_config, with_config
+from tests.stacks import dev_config, repo_path, with_config
 from tools.mockstack import FakeProviders, evaluate
 
 
@@ -83,13 +83,13 @@ def test_plain_namespace_names_mean_label_in_place() -> None:
     assert [(n.name, n.create) for n in cfg.cluster.protected_namespaces] == [("default", False), ("team-a", True)]
 
 
-def test_the_dev_stack_file_is_valid_and_complete() -> None:
+def test_the_dev_stack_file_is_valid_and_spells_out_every_key_at_its_default() -> None:
     raw = {k.split(":", 1)[1]: v for k, v in dev_config().items()}
     cfg = parse_config(raw)
-    assert cfg.exit_node.managed and cfg.cluster.protected_namespaces[0].name == "default"
-    # Every key of the model is spelled out in the example stack.
-    for section in ("exitNode", "tailnet", "cluster"):
-        assert raw[section], section
+    defaults = StackConfig().model_dump(by_alias=True)
+    assert cfg.model_dump(by_alias=True) == defaults
+    for section, keys in defaults.items():
+        assert set(raw[section]) == set(keys), section
 
 
 def test_config_error_is_a_pulumi_run_error() -> None:
@@ -168,3 +168,10 @@ def test_a_legacy_acl_rule_to_the_internet_satisfies_the_policy_check() -> None:
         "acls": [{"action": "accept", "src": ["tag:egress-relay"], "dst": ["autogroup:internet:*"]}],
     }
     assert evaluate(dev_config(), "ok", fakes=FakeProviders(policy=policy)).error is None
+
+
+def test_the_readme_documents_every_key() -> None:
+    readme = repo_path("README.md").read_text()
+    for section, keys in StackConfig().model_dump(by_alias=True).items():
+        for key in keys:
+            assert f"| `{section}.{key}` |" in readme, f"{section}.{key} is missing from the README's reference"
