@@ -518,42 +518,15 @@ class Topology:
         # The "pod network": the workload may reach only the relay's proxy ports
         # (stand-in for the protected namespace's NetworkPolicy); set in
         # restrict_workload() once the ports are known from the render.
-        self.run(
-            ROUTER,
-            [
-                "iptables",
-                "-A",
-                "FORWARD",
-                "-i",
-                "v-workload",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-        )
-        self.run(ROUTER, ["iptables", "-N", "TSE-WORKLOAD"])
-        self.run(ROUTER, ["iptables", "-A", "FORWARD", "-i", "v-workload", "-j", "TSE-WORKLOAD"])
-        self.run(ROUTER, ["iptables", "-A", "FORWARD", "-i", "v-workload", "-j", "REJECT"])
-        self.run(
-            ROUTER,
-            [
-                "iptables",
-                "-A",
-                "FORWARD",
-                "-o",
-                "v-workload",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-        )
-        self.run(ROUTER, ["iptables", "-A", "FORWARD", "-o", "v-workload", "-j", "REJECT"])
+        for rule in (
+            "-A FORWARD -i v-workload -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+            "-N TSE-WORKLOAD",
+            "-A FORWARD -i v-workload -j TSE-WORKLOAD",
+            "-A FORWARD -i v-workload -j REJECT",
+            "-A FORWARD -o v-workload -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+            "-A FORWARD -o v-workload -j REJECT",
+        ):
+            self.run(ROUTER, ["iptables", *rule.split()])
         # The lan (the laptop's home network) is reachable from the pod network
         # only, as on the laptop; the exit node and the internet cannot reach it.
         self.run(ROUTER, ["iptables", "-A", "FORWARD", "-o", "v-lan", "!", "-i", "v-relay", "-j", "REJECT"])
