@@ -39,11 +39,11 @@ class TailnetAccess(pulumi.ComponentResource):
         super().__init__("tailscale-egress:tailnet:TailnetAccess", name, None, opts)
         t = args.tailnet
         child = pulumi.ResourceOptions(parent=self)
+        self.exit_node_auth_key = self.exit_node_key_id = None
 
         if t.login_server is not None:
             # A self-hosted control server: keys are minted there, handed to us as a secret.
             self.relay_auth_key = pulumi.Config(PROJECT).require_secret("relayAuthKey")
-            self.exit_node_auth_key = self.exit_node_key_id = None
             self.register_outputs({})
             return
 
@@ -56,7 +56,6 @@ class TailnetAccess(pulumi.ComponentResource):
             )
             child = pulumi.ResourceOptions(parent=self, depends_on=[policy])
 
-        self.exit_node_auth_key = self.exit_node_key_id = None
         if args.needs_exit_node_key:
             exit_key = tailscale.TailnetKey(
                 f"{name}-exit-node-key",
