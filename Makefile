@@ -8,6 +8,8 @@ STACK ?= dev
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Go as the machine images install it, in case it is not on PATH already.
+export PATH := $(PATH):/usr/local/go/bin
 
 .PHONY: help venv tools test lint datapath-bins test-datapath test-all render preview up destroy bench bench-datapath clean
 
