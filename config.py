@@ -61,6 +61,13 @@ def _address(value: str) -> str:
         raise ValueError("must be an IP address such as 203.0.113.7 or 2001:db8::1") from None
 
 
+def _dns_label(value: str) -> str:
+    """A Kubernetes namespace name: an RFC 1123 label."""
+    if not _DNS_LABEL.match(value):
+        raise ValueError("must be a DNS label: lower-case letters, digits and inner hyphens, at most 63")
+    return value
+
+
 def _one_of(allowed: Iterable[str], note: str = "") -> AfterValidator:
     choices = tuple(allowed)
 
@@ -167,8 +174,7 @@ class ProtectedNamespaceConfig(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v):
-            raise ValueError("must be a DNS label: lower-case letters, digits and inner hyphens, at most 63")
+        v = _dns_label(v)
         if v in SYSTEM_NAMESPACES:
             raise ValueError("system namespaces are never protected (the cluster itself needs them)")
         return v
@@ -215,8 +221,7 @@ class ClusterConfig(_Model):
     @field_validator("relay_namespace")
     @classmethod
     def _relay_ns(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v):
-            raise ValueError("must be a DNS label: lower-case letters, digits and inner hyphens, at most 63")
+        v = _dns_label(v)
         if v in SYSTEM_NAMESPACES or v == "default":
             raise ValueError("must be a namespace of its own, not a system namespace or default")
         return v
