@@ -149,14 +149,12 @@ def test_exit_restart_liveness_and_recovery(base: Topology) -> None:
     assert set(peers(base, "internet")) == {EXIT_PUBLIC_IP}
 
 
-def test_upstream_exit_node_status_online_is_stale(base: Topology) -> None:
-    """Observed upstream behaviour (tailscale v1.102.5), recorded for the probe.
-
-    `tailscale status --json` keeps ``ExitNodeStatus.Online: true`` after the
-    exit node went offline (it is computed from the last full netmap, which
-    peer-online deltas do not update; ipn/ipnlocal/local.go), while the
-    peer's own ``Online`` turns false. A readiness probe must read the peer
-    entry (``ExitNode``/``ExitNodeOption``/``Online``), not ExitNodeStatus.
+def test_readiness_reads_the_exit_peer_itself(base: Topology) -> None:
+    """As soon as the relay's status shows the exit peer offline, the probe
+    says not ready, whatever ``ExitNodeStatus`` says. In tailscale v1.102.5
+    ``ExitNodeStatus.Online`` comes from the last full netmap
+    (ipn/ipnlocal/local.go) and was seen here both lagging (true for 50 s and
+    more) and not; tests/test_readiness.py holds the lagging case still.
     """
     wait_traffic_via_exit(base)
     base.stop_exit()
@@ -167,9 +165,8 @@ def test_upstream_exit_node_status_online_is_stale(base: Topology) -> None:
             return peer is not None and not peer.get("Online")
 
         wait_for("exit peer offline in the relay's status", peer_offline, 45)
-        status = relay_status(base).get("ExitNodeStatus") or {}
-        assert status.get("Online") is True, f"ExitNodeStatus now follows the peer: {status}"
-        assert not base.relay_ready()
+        exit_status = relay_status(base).get("ExitNodeStatus")
+        assert not base.relay_ready(), f"ready with the exit peer offline (ExitNodeStatus: {exit_status})"
     finally:
         base.start_exit_daemon()
     wait_traffic_via_exit(base, timeout=90)
