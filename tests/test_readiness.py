@@ -11,7 +11,6 @@ this suite covers the states that are hard to hold still there, such as
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import subprocess
 from collections.abc import Callable
@@ -35,13 +34,10 @@ class Probe:
 
 
 def rendered_probe(evaluation: Evaluation) -> Probe:
-    """The relay's readiness command, and the exit node it was rendered for
-    (read back from `--exit-node=` in TS_EXTRA_ARGS)."""
+    """The relay's readiness command, and the exit node the stack points it at."""
     (deployment,) = [d for d in applied_objects(evaluation) if d["kind"] == "Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    (exit_node_ip,) = re.findall(r"--exit-node=(\S+)", env["TS_EXTRA_ARGS"])
-    return Probe(container["readinessProbe"]["exec"]["command"], exit_node_ip)
+    return Probe(container["readinessProbe"]["exec"]["command"], evaluation.outputs["exitNodeTailnetIp"])
 
 
 def peer(hostname: str, ip: str, *, online: bool, exit_node: bool, option: bool) -> dict[str, Any]:
