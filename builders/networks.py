@@ -22,11 +22,14 @@ NON_PUBLIC_IPV4: Final[tuple[str, ...]] = (
     "240.0.0.0/4",
 )
 NON_PUBLIC_IPV6: Final[tuple[str, ...]] = (
-    "::/96",  # unspecified, loopback and the deprecated IPv4-compatible block
-    "::1/128",
-    "::ffff:0:0/96",
-    "64:ff9b::/96",
-    "64:ff9b:1::/48",
+    # IETF-reserved ::/8: the unspecified and loopback addresses, the IPv4-
+    # compatible (::/96) and IPv4-mapped (::ffff:0:0/96) blocks and NAT64
+    # (64:ff9b::/96, 64:ff9b:1::/48). One block, because the API server reads
+    # an IPv4-mapped CIDR such as ::ffff:0:0/96 as IPv4 and refuses it inside
+    # ::/0 ("must be a strict subset of cidr"). Nothing is lost: a socket
+    # dialling ::ffff:a.b.c.d sends IPv4 packets to a.b.c.d, which the IPv4
+    # exceptions cover.
+    "::/8",
     "fc00::/7",
     "fe80::/10",
     "fec0::/10",  # deprecated site-local

@@ -5,6 +5,7 @@ pinned, bounded, probed and cut off from the Kubernetes API."""
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +65,40 @@ class TestSchemas:
             else:
                 assert used == minor, f"{name} validated against {used}, not {minor}"
         assert errors == []
+
+
+def _ip_blocks(obj: Manifest) -> list[Manifest]:
+    spec = obj.get("spec", {})
+    rules = [*spec.get("ingress", []), *spec.get("egress", [])]
+    return [p["ipBlock"] for r in rules for p in (r.get("to", []) + r.get("from", [])) if "ipBlock" in p]
+
+
+class TestIpBlocksAsTheApiServerReadsThem:
+    """The API server parses CIDRs as Go does: an IPv4-mapped block
+    (::ffff:0:0/96) is IPv4 to it, so it is never "a strict subset" of an
+    IPv6 cidr and `pulumi up` fails. Schema validation cannot see this."""
+
+    def test_every_except_is_a_strict_subset_of_its_cidr(self, evaluation: Evaluation) -> None:
+        bad = []
+        for obj in kube_objects(evaluation, "NetworkPolicy"):
+            for block in _ip_blocks(obj):
+                cidr = ipaddress.ip_network(block["cidr"])
+                for i, text in enumerate(block.get("except", [])):
+                    exc = ipaddress.ip_network(text)
+                    mapped = exc.version == 6 and exc.network_address.ipv4_mapped is not None
+                    strict = exc.version == cidr.version and exc.subnet_of(cidr) and exc.prefixlen > cidr.prefixlen  # type: ignore[arg-type]
+                    if mapped or not strict:
+                        bad.append(f"{obj['metadata']['name']}: except[{i}] {text} in {block['cidr']}")
+        assert bad == []
+
+    def test_no_cidr_is_ipv4_mapped(self, evaluation: Evaluation) -> None:
+        mapped = [
+            block["cidr"]
+            for obj in kube_objects(evaluation, "NetworkPolicy")
+            for block in _ip_blocks(obj)
+            if (net := ipaddress.ip_network(block["cidr"])).version == 6 and net.network_address.ipv4_mapped
+        ]
+        assert mapped == []
 
 
 class TestPodSecurity:
