@@ -1,9 +1,10 @@
 """The exit node's cloud-init document.
 
 The VM installs Tailscale from its signed apt repository (key pinned by
-fingerprint), enables forwarding, joins as an exit node, keeps itself patched,
-and logs out when it is powered off so that deleting the server removes the
-device from the tailnet. The document carries the auth key: callers must
+fingerprint), enables forwarding, drops whatever the tailnet sends to the VM
+itself (it forwards, it serves nothing), joins as an exit node, keeps itself
+patched, and logs out when it is powered off so that deleting the server
+removes the device from the tailnet. The document carries the auth key: callers must
 treat the whole result as a secret.
 """
 
@@ -23,6 +24,10 @@ AUTH_KEY_PATH: Final = "/run/tailscale-egress/authkey"
 UP_SCRIPT_PATH: Final = "/usr/local/sbin/tailscale-egress-up"
 LOGOUT_SCRIPT_PATH: Final = "/usr/local/sbin/tailscale-egress-logout"
 LOGOUT_UNIT: Final = "tailscale-egress-logout.service"
+GUARD_SCRIPT_PATH: Final = "/usr/local/sbin/tailscale-egress-guard"
+GUARD_UNIT: Final = "tailscale-egress-guard.service"
+# The interface tailscaled creates (its default --tun name).
+TAILNET_INTERFACE: Final = "tailscale0"
 
 
 @dataclass(frozen=True)
@@ -39,11 +44,59 @@ def up_script(boot: ExitNodeBoot) -> str:
 # Joins the tailnet as an exit node. Written and run once by cloud-init.
 set -eu
 sysctl --system >/dev/null
+systemctl enable --now {GUARD_UNIT}
 systemctl enable --now tailscaled
 {shlex.join(up)}
 # The key is single-use and spent now; do not leave it on disk.
 rm -f {AUTH_KEY_PATH}
 systemctl enable --now {LOGOUT_UNIT}
+"""
+
+
+def guard_script() -> str:
+    """Drops packets that arrive from the tailnet addressed to this VM (its
+    tailnet and public addresses alike: sshd, anything listening), IPv4 and
+    IPv6; replies to the VM's own connections pass, forwarded traffic is not
+    touched. A relay's pod can reach the VM's public address through the exit
+    node (it is part of autogroup:internet), past the Hetzner firewall.
+
+    The rules live in the mangle table, which tailscaled does not manage: its
+    ts-input chain (filter table) accepts everything from the tailnet
+    interface and is put back first in INPUT whenever tailscaled starts,
+    while a DROP in mangle INPUT comes earlier and is final. Idempotent."""
+    rules = (
+        f"-A TSE-GUARD -i {TAILNET_INTERFACE} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
+        f"-A TSE-GUARD -i {TAILNET_INTERFACE} -j DROP",
+    )
+    body = "\n".join(f'  "$ipt" -w -t mangle {rule}' for rule in rules)
+    return f"""#!/bin/sh
+# This exit node forwards; it serves nothing to the tailnet. Run at boot
+# before tailscaled ({GUARD_UNIT}); see builders/cloud_init.py.
+set -eu
+for ipt in iptables ip6tables; do
+  "$ipt" -w -t mangle -N TSE-GUARD 2>/dev/null || "$ipt" -w -t mangle -F TSE-GUARD
+{body}
+  "$ipt" -w -t mangle -C INPUT -j TSE-GUARD 2>/dev/null || "$ipt" -w -t mangle -I INPUT 1 -j TSE-GUARD
+done
+"""
+
+
+def guard_unit() -> str:
+    # Before tailscaled at every boot, and required by it: if the rules cannot
+    # be set, tailscaled does not start and the relay fails closed.
+    return f"""[Unit]
+Description=Drop traffic from the tailnet addressed to this exit node itself
+Before=tailscaled.service network-pre.target
+Wants=network-pre.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={GUARD_SCRIPT_PATH}
+
+[Install]
+WantedBy=multi-user.target
+RequiredBy=tailscaled.service
 """
 
 
@@ -115,11 +168,13 @@ def cloud_config(boot: ExitNodeBoot) -> dict[str, object]:
                 }
             }
         },
-        "packages": ["tailscale", "unattended-upgrades"],
+        "packages": ["tailscale", "iptables", "unattended-upgrades"],
         "write_files": [
             {"path": "/etc/sysctl.d/99-tailscale-exit-node.conf", "content": SYSCTL, "permissions": "0644"},
             {"path": "/etc/apt/apt.conf.d/52tailscale-egress", "content": UNATTENDED_UPGRADES, "permissions": "0644"},
             {"path": AUTH_KEY_PATH, "content": boot.auth_key, "permissions": "0600", "owner": "root:root"},
+            {"path": GUARD_SCRIPT_PATH, "content": guard_script(), "permissions": "0755"},
+            {"path": f"/etc/systemd/system/{GUARD_UNIT}", "content": guard_unit(), "permissions": "0644"},
             {"path": UP_SCRIPT_PATH, "content": up_script(boot), "permissions": "0755"},
             {"path": LOGOUT_SCRIPT_PATH, "content": logout_script(), "permissions": "0755"},
             {"path": f"/etc/systemd/system/{LOGOUT_UNIT}", "content": logout_unit(), "permissions": "0644"},
@@ -144,4 +199,4 @@ def render_cloud_init(boot: ExitNodeBoot) -> str:
     return "#cloud-config\n" + body
 
 
-SHELL_SCRIPTS: Final = (UP_SCRIPT_PATH, LOGOUT_SCRIPT_PATH)
+SHELL_SCRIPTS: Final = (UP_SCRIPT_PATH, LOGOUT_SCRIPT_PATH, GUARD_SCRIPT_PATH)

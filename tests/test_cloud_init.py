@@ -199,3 +199,50 @@ class TestLogoutOnPowerOff:
         (script,) = run_scripts(doc)
         enabled = [c for c in commands(script) if c[:2] == ["systemctl", "enable"] and unit in c]
         assert enabled and "--now" in enabled[0], "the unit is never started, so never stopped"
+
+
+class TestServesNothing:
+    """The exit node forwards; traffic from the tailnet to the VM itself is
+    dropped (the data path, tests/datapath/test_tailnet_reach.py, runs this
+    very script in the exit node's namespace)."""
+
+    @staticmethod
+    def guard(doc: Doc) -> tuple[str, str, str]:
+        """(unit name, unit text, script text) of the unit whose script drops tailnet input."""
+        written = files(doc)
+        found = []
+        for path, entry in written.items():
+            if not (path.startswith("/etc/systemd/system/") and path.endswith(".service")):
+                continue
+            for line in entry["content"].splitlines():
+                target = line.split("=", 1)[1].strip() if line.startswith("ExecStart=") else ""
+                if target in written and "-i tailscale0 -j DROP" in written[target]["content"]:
+                    found.append((Path(path).name, entry["content"], written[target]["content"]))
+        assert len(found) == 1, "no single unit runs the tailnet input guard"
+        return found[0]
+
+    def test_the_guard_runs_at_every_boot_before_tailscaled_which_requires_it(self, doc: Doc) -> None:
+        unit, text, _ = self.guard(doc)
+        directives: dict[str, set[str]] = {}
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                directives.setdefault(key, set()).update(value.split())
+        assert "tailscaled.service" in directives["Before"]
+        assert "tailscaled.service" in directives["RequiredBy"], "tailscaled would start without the guard"
+        assert "multi-user.target" in directives["WantedBy"]
+        assert directives["RemainAfterExit"] == {"yes"}
+        (script,) = run_scripts(doc)
+        steps = commands(script)
+        enabled = next(i for i, c in enumerate(steps) if c[:3] == ["systemctl", "enable", "--now"] and unit in c)
+        up = next(i for i, c in enumerate(steps) if c[:2] == ["tailscale", "up"])
+        assert enabled < up, "the node joins before its input is guarded"
+
+    def test_the_guard_covers_ipv4_and_ipv6_in_a_table_tailscaled_leaves_alone(self, doc: Doc) -> None:
+        _, _, script = self.guard(doc)
+        assert "for ipt in iptables ip6tables; do" in script
+        assert '"$ipt" -w -t mangle -I INPUT 1 -j TSE-GUARD' in script
+        # Replies to the VM's own connections (apt, DNS through quad-100) come back on tailscale0.
+        ret = script.index("--ctstate ESTABLISHED,RELATED -j RETURN")
+        assert ret < script.index("-i tailscale0 -j DROP")
+        assert "iptables" in doc["packages"]
