@@ -15,7 +15,7 @@ from components.exit_node import HetznerExitNode, HetznerExitNodeArgs
 from components.exit_node_approval import ExitNodeApproval
 from components.protected_namespace import ProtectedNamespace, ProtectedNamespaceArgs
 from components.tailnet_access import TailnetAccess, TailnetAccessArgs
-from config import load_config
+from config import PROJECT, load_config
 from preflight import check_environment, check_tailnet_policy
 
 # 1. Configuration and preflight: every problem is reported before anything is created.
@@ -23,11 +23,19 @@ cfg = load_config()
 check_environment(cfg)
 current_policy = check_tailnet_policy(cfg)
 names = StackNames.for_stack(pulumi.get_project(), pulumi.get_stack())
+given_relay_key = pulumi.Config(PROJECT).get_secret("relayAuthKey")
 
-# 2. Tailnet access: auth keys (and the policy file, when the stack manages it).
+# 2. Tailnet access: auth keys (and the policy file, when the stack manages it);
+#    nothing at all when the relay's key is given (a cluster-only stack).
 tailnet = TailnetAccess(
     "tailnet",
-    TailnetAccessArgs(cfg.tailnet, names, needs_exit_node_key=cfg.exit_node.managed, current_policy=current_policy),
+    TailnetAccessArgs(
+        cfg.tailnet,
+        names,
+        needs_exit_node_key=cfg.exit_node.managed,
+        current_policy=current_policy,
+        supplied_relay_key=given_relay_key,
+    ),
 )
 
 # 3. Exit node: a Hetzner VM, joined and approved as code; or one you bring.

@@ -125,6 +125,8 @@ class TailnetConfig(_Model):
     login_server: str | None = None
     control_plane_cidrs: list[str] = Field(default_factory=list)
     exit_node_key_expiry_seconds: int = Field(default=3600, ge=300, le=86400)
+    # The relay's reusable key: renewed by `pulumi up` once half of this has passed.
+    relay_key_expiry_hours: int = Field(default=168, ge=2, le=2160)
 
     @field_validator("exit_node_tag", "relay_tag")
     @classmethod

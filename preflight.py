@@ -27,33 +27,66 @@ class PreflightError(pulumi.RunError):
     """Something outside the stack's config must be fixed first."""
 
 
+RELAY_AUTH_KEY = "tailscale-egress:relayAuthKey"
+
+
+def supplied_relay_key(has: Callable[[str], bool]) -> bool:
+    """True when the stack is given the relay's key (`relayAuthKey`): it then
+    deploys the cluster part only, with no Tailscale API and no Hetzner."""
+    return has(RELAY_AUTH_KEY)
+
+
+def stack_shape_problems(cfg: StackConfig, has: Callable[[str], bool]) -> list[str]:
+    """What the supplied relay key rules out; checked even when rendering."""
+    if not supplied_relay_key(has):
+        return []
+    problems = []
+    if cfg.exit_node.managed:
+        problems.append(
+            "tailscale-egress:exitNode.existingTailnetIp = None: required with relayAuthKey (with a key given, the"
+            " stack uses no Tailscale API and creates no exit node): set it to your exit node's tailnet IP,"
+            " or remove the key (pulumi config rm relayAuthKey) to let the stack build the exit node"
+        )
+    if cfg.tailnet.manage_policy:
+        problems.append(
+            "tailscale-egress:tailnet.managePolicy = True: not possible with relayAuthKey (the stack uses no"
+            " Tailscale API then); set it to false, or remove relayAuthKey"
+        )
+    return problems
+
+
 def missing_credentials(cfg: StackConfig, has: Callable[[str], bool], env: Mapping[str, str]) -> list[str]:
     """Credentials the stack needs and cannot find, with the command to set each.
 
     `has("hcloud:token")` tells whether a stack config key is set; providers
-    also read their environment variables.
+    also read their environment variables. With `relayAuthKey` the stack
+    needs no other credential: it touches neither Tailscale's API nor Hetzner.
     """
+    if supplied_relay_key(has):
+        return []
     missing = []
     if cfg.exit_node.managed and not (has("hcloud:token") or env.get("HCLOUD_TOKEN")):
         missing.append(
             "hcloud:token is not set (the Hetzner Cloud API token that creates the exit node):"
             " pulumi config set --secret hcloud:token <token>  (or export HCLOUD_TOKEN)"
         )
-    if cfg.tailnet.login_server is None:
-        api_key = has("tailscale:apiKey") or env.get("TAILSCALE_API_KEY")
-        oauth = (has("tailscale:oauthClientId") or env.get("TAILSCALE_OAUTH_CLIENT_ID")) and (
-            has("tailscale:oauthClientSecret") or env.get("TAILSCALE_OAUTH_CLIENT_SECRET")
-        )
-        if not (api_key or oauth):
-            missing.append(
-                "tailscale:apiKey is not set (nor tailscale:oauthClientId and tailscale:oauthClientSecret):"
-                " pulumi config set --secret tailscale:apiKey <tskey-api-...>  (or export TAILSCALE_API_KEY)"
-            )
-    elif not has("tailscale-egress:relayAuthKey"):
+    if cfg.tailnet.login_server is not None:
         missing.append(
-            "tailscale-egress:relayAuthKey is not set (with tailnet.loginServer the stack cannot mint keys):"
+            f"{RELAY_AUTH_KEY} is not set (with tailnet.loginServer the stack cannot mint keys):"
             " create a reusable, ephemeral, pre-authorized key on your control server, then"
             " pulumi config set --secret relayAuthKey <key>"
+        )
+        return missing
+    api_key = has("tailscale:apiKey") or env.get("TAILSCALE_API_KEY")
+    oauth = (has("tailscale:oauthClientId") or env.get("TAILSCALE_OAUTH_CLIENT_ID")) and (
+        has("tailscale:oauthClientSecret") or env.get("TAILSCALE_OAUTH_CLIENT_SECRET")
+    )
+    if not (api_key or oauth):
+        missing.append(
+            "tailscale:apiKey is not set (nor tailscale:oauthClientId and tailscale:oauthClientSecret):"
+            " pulumi config set --secret tailscale:apiKey <tskey-api-...>  (or export TAILSCALE_API_KEY),"
+            " or, with your own exit node (exitNode.existingTailnetIp), give the relay's key instead:"
+            " pulumi config set --secret relayAuthKey <tskey-auth-...>"
         )
     return missing
 
@@ -105,9 +138,12 @@ def unreachable(server: str, timeout: float = 3.0) -> str | None:
 
 def check_environment(cfg: StackConfig) -> None:
     """Credentials and the cluster; raises PreflightError listing every problem."""
+    problems = stack_shape_problems(cfg, config_key_is_set)
     if os.environ.get(OFFLINE_ENV) == "1":
+        if problems:
+            raise PreflightError("cannot deploy yet:\n  - " + "\n  - ".join(problems))
         return
-    problems = missing_credentials(cfg, _config_key_is_set, os.environ)
+    problems += missing_credentials(cfg, config_key_is_set, os.environ)
     server, problem = cluster_server(cfg, os.environ)
     if problem:
         problems.append(problem)
@@ -120,7 +156,7 @@ def check_environment(cfg: StackConfig) -> None:
         raise PreflightError("cannot deploy yet:\n  - " + "\n  - ".join(problems))
 
 
-def _config_key_is_set(key: str) -> bool:
+def config_key_is_set(key: str) -> bool:
     namespace, _, name = key.partition(":")
     return pulumi.Config(namespace).get_secret(name) is not None
 
@@ -132,6 +168,12 @@ def check_tailnet_policy(cfg: StackConfig) -> Mapping[str, Any] | None:
     server, whose policy Tailscale's API cannot read.
     """
     if cfg.tailnet.login_server is not None:
+        return None
+    if supplied_relay_key(config_key_is_set):
+        pulumi.log.info(
+            "tailnet policy preflight skipped: relayAuthKey is given, so the stack does not use the Tailscale API."
+            " Check by hand that the relay's tag may reach only autogroup:internet, via the exit node."
+        )
         return None
     policy: Mapping[str, Any] = json.loads(tailscale.get_acl().json)
     if cfg.tailnet.manage_policy:

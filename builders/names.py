@@ -52,8 +52,9 @@ class StackNames:
         return dns_label(f"{self.prefix}-exit")
 
     def key_description(self, role: str) -> str:
-        # Tailscale allows only alphanumerics, spaces and hyphens here.
-        return f"{self.prefix} {role}"[:50]
+        # Tailscale allows only alphanumerics, spaces and hyphens here, at
+        # most 50; the role (which may carry a key generation) is kept whole.
+        return f"{self.prefix[: 49 - len(role)]} {role}"
 
     @property
     def labels(self) -> dict[str, str]:

@@ -1,13 +1,16 @@
 """TailnetAccess: the tailnet side of the stack, before any machine exists.
 
 Tagged auth keys for the exit node (single-use, ephemeral, pre-authorized,
-short-lived) and the relay (reusable, ephemeral, pre-authorized), and, only
-when `tailnet.managePolicy` is set, the tailnet policy file itself.
+short-lived) and the relay (reusable, ephemeral, pre-authorized, renewed by
+`pulumi up` once half of its lifetime has passed), and, only when
+`tailnet.managePolicy` is set, the tailnet policy file itself. With the
+relay's key given (`relayAuthKey`), nothing here touches Tailscale's API.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +20,15 @@ import pulumi_tailscale as tailscale
 
 from builders.names import StackNames
 from builders.tailnet_policy import merged_policy
-from config import PROJECT, TailnetConfig
+from config import TailnetConfig
 
-RELAY_KEY_EXPIRY_SECONDS = 90 * 24 * 3600
+
+def relay_key_generation(now: float, expiry_seconds: int) -> int:
+    """Which relay key is current at `now`: a new one every half lifetime, so
+    that after any `pulumi up` the relay's key has at least half its lifetime
+    left (a relay restarting later can still join) and none is older than its
+    lifetime (a leaked key stops working within it)."""
+    return int(now // (expiry_seconds // 2))
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,8 @@ class TailnetAccessArgs:
     names: StackNames
     needs_exit_node_key: bool
     current_policy: Mapping[str, Any] | None
+    # Given by the user (`relayAuthKey`): no Tailscale API is used at all.
+    supplied_relay_key: pulumi.Output[str] | None = None
 
 
 class TailnetAccess(pulumi.ComponentResource):
@@ -41,9 +52,10 @@ class TailnetAccess(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         self.exit_node_auth_key = self.exit_node_key_id = None
 
-        if t.login_server is not None:
-            # A self-hosted control server: keys are minted there, handed to us as a secret.
-            self.relay_auth_key = pulumi.Config(PROJECT).require_secret("relayAuthKey")
+        if args.supplied_relay_key is not None:
+            # Minted elsewhere (a self-hosted control server, or by hand for
+            # your own exit node) and handed to us as a secret.
+            self.relay_auth_key = pulumi.Output.secret(args.supplied_relay_key)
             self.register_outputs({})
             return
 
@@ -72,17 +84,22 @@ class TailnetAccess(pulumi.ComponentResource):
             self.exit_node_auth_key = pulumi.Output.secret(exit_key.key)
             self.exit_node_key_id = exit_key.id
 
+        # Reusable, because the relay keeps its node in memory and joins anew
+        # on every restart; short-lived, because whoever reads it can join
+        # devices as the relay until it expires (README: the relay's key).
+        expiry = t.relay_key_expiry_hours * 3600
+        generation = relay_key_generation(time.time(), expiry)
         relay_key = tailscale.TailnetKey(
             f"{name}-relay-key",
-            description=args.names.key_description("relay"),
+            description=args.names.key_description(f"relay g{generation}"),
             tags=[t.relay_tag],
             reusable=True,
             ephemeral=True,
             preauthorized=True,
-            expiry=RELAY_KEY_EXPIRY_SECONDS,
-            # An expired relay key is replaced at the next `pulumi up`.
+            expiry=expiry,
+            # A key revoked or expired out of band is replaced at the next `pulumi up`.
             recreate_if_invalid="always",
-            opts=child,
+            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(replace_on_changes=["description"])),
         )
         self.relay_auth_key = pulumi.Output.secret(relay_key.key)
         self.register_outputs({})

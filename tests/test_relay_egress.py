@@ -36,7 +36,7 @@ def test_a_hetzner_exit_node_with_tailscales_hosted_control_plane_gets_the_publi
     excepted = {c for peer in public["to"] for c in peer["ipBlock"]["except"]}
     for private in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10", "127.0.0.0/8"):
         assert private in excepted
-    for private in ("fc00::/7", "fe80::/10", "::1/128"):
+    for private in ("fc00::/7", "fe80::/10", "::/8"):
         assert private in excepted
 
 

@@ -1,0 +1,1 @@
+"""The CrossGuard policy pack (see guardrails.py); `pulumi preview --policy-pack policy` runs it."""
