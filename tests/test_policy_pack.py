@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from google.protobuf import json_format, struct_pb2
-from pulumi.runtime.proto import analyzer_pb2
-from pulumi_policy.policy import _PolicyAnalyzerServicer
 from pulumi_policy.proxy import UNKNOWN_OBJECT_VALUE
 
 from builders.network_policies import Destination, RelayEgress, network_policy, relay_egress_policy
@@ -35,65 +31,34 @@ from builders.relay import RelaySettings, relay_deployment
 from components.exit_node import firewall_rules
 from policy import guardrails
 from tests.stacks import dev, dev_config, pinned, pinned_config, with_config
+from tools import policy_check
 from tools.mockstack import Evaluation, evaluate
-
-SECRET_SIG = "4dabf18193072939515e22adb298388d"
-SECRET_VALUE = "1b47061264138c4ac30d75fd1eb44270"
-PROJECT_URN = "urn:pulumi:test::tailscale-egress::"
+from tools.policy_check import PROJECT_URN, SECRET_SIG, SECRET_VALUE, Res, Stack, analyze
 
 
-@dataclass
-class Res:
-    type: str
-    name: str
-    urn: str
-    props: dict[str, Any]
-    parent: str = ""
+class Variant(Stack):
+    """A stack to weaken: copies, never edits the cached evaluation."""
 
-
-@dataclass(frozen=True)
-class Diagnostic:
-    policy: str
-    message: str
-    urn: str
-    mandatory: bool
-
-
-@dataclass
-class Stack:
-    resources: list[Res] = field(default_factory=list)
-
-    def find(self, typ: str, name: str) -> Res:
-        (found,) = [r for r in self.resources if r.type == typ and r.name == name]
-        return found
-
-    def edit(self, typ: str, name: str, change: Callable[[dict[str, Any]], Any]) -> Stack:
+    def edit(self, typ: str, name: str, change: Callable[[dict[str, Any]], Any]) -> Variant:
         """A copy with `change` applied to one resource's properties."""
         out = copy.deepcopy(self)
         change(out.find(typ, name).props)
         return out
 
-    def without(self, typ: str, name: str) -> Stack:
+    def without(self, typ: str, name: str) -> Variant:
         out = copy.deepcopy(self)
         out.resources.remove(out.find(typ, name))
         return out
 
-    def plus(self, *resources: Res) -> Stack:
-        return Stack([*copy.deepcopy(self.resources), *resources])
+    def plus(self, *resources: Res) -> Variant:
+        return Variant([*copy.deepcopy(self.resources), *resources])
 
 
-def stack_of(evaluation: Evaluation) -> Stack:
-    """Every resource as the engine hands it to a policy pack, the root Stack (its outputs) included."""
-    resources = [Res(r.type, r.name, r.urn, copy.deepcopy(r.inputs), r.parent) for r in evaluation.resources]
-    outputs = {
-        k: {SECRET_SIG: SECRET_VALUE, "value": v} if k in evaluation.secret_outputs else v
-        for k, v in evaluation.outputs.items()
-    }
-    resources.append(Res(guardrails.STACK, "stack", f"{PROJECT_URN}pulumi:pulumi:Stack::stack", outputs))
-    return Stack(resources)
+def stack_of(evaluation: Evaluation) -> Variant:
+    return Variant(policy_check.stack_of(evaluation).resources)
 
 
-def built(config: dict[str, Any], **kwargs: Any) -> Stack:
+def built(config: dict[str, Any], **kwargs: Any) -> Variant:
     evaluation = evaluate(config, "policy", **kwargs)
     assert evaluation.error is None, evaluation.error
     return stack_of(evaluation)
@@ -103,39 +68,6 @@ def refused(config: dict[str, Any], key: str) -> bool:
     """True when config validation refuses the stack, naming `key`."""
     evaluation = evaluate(config, "policy")
     return evaluation.error is not None and key in str(evaluation.error)
-
-
-def _struct(props: dict[str, Any]) -> struct_pb2.Struct:
-    return json_format.ParseDict(props, struct_pb2.Struct())
-
-
-def analyze(stack: Stack) -> list[Diagnostic]:
-    """Run the pack over `stack` through pulumi-policy's analyzer service."""
-    service = _PolicyAnalyzerServicer(guardrails.PACK_NAME, "1.0.0", guardrails.policies(), guardrails.MANDATORY)
-    responses = [
-        service.Analyze(
-            analyzer_pb2.AnalyzeRequest(urn=r.urn, type=r.type, name=r.name, properties=_struct(r.props)), None
-        )  # type: ignore[no-untyped-call]
-        for r in stack.resources
-    ]
-    responses.append(
-        service.AnalyzeStack(  # type: ignore[no-untyped-call]
-            analyzer_pb2.AnalyzeStackRequest(
-                resources=[
-                    analyzer_pb2.AnalyzerResource(
-                        urn=r.urn, type=r.type, name=r.name, properties=_struct(r.props), parent=r.parent
-                    )
-                    for r in stack.resources
-                ]
-            ),
-            None,
-        )
-    )
-    return [
-        Diagnostic(d.policyName, d.message, d.urn, d.enforcementLevel == analyzer_pb2.MANDATORY)
-        for response in responses
-        for d in response.diagnostics
-    ]
 
 
 def failures(stack: Stack, policy: str) -> list[str]:
