@@ -13,6 +13,7 @@ from builders.relay import PROXY_PORTS, relay_host
 from components.egress_relay import EgressRelay, EgressRelayArgs
 from components.exit_node import HetznerExitNode, HetznerExitNodeArgs
 from components.exit_node_approval import ExitNodeApproval
+from components.node_guard import NodeGuard, NodeGuardArgs
 from components.protected_namespace import ProtectedNamespace, ProtectedNamespaceArgs
 from components.tailnet_access import TailnetAccess, TailnetAccessArgs
 from config import PROJECT, load_config
@@ -64,6 +65,10 @@ protected = [
     )
     for ns in cfg.cluster.protected_namespaces
 ]
+
+# The node guard: what kube-router accepts before any policy (ICMP out, the node's NodePorts).
+if cfg.cluster.node_guard:
+    NodeGuard("node-guard", NodeGuardArgs(cfg.cluster), in_cluster)
 
 # 5. The relay: SOCKS5 and HTTP CONNECT proxies into the tailnet, via the exit node.
 egress = exit_public_ips.apply(

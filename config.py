@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic.alias_generators import to_camel
 
 from builders.networks import is_public, is_tailnet_ip
+from builders.node_guard import guard_namespace
 
 PROJECT: Final = "tailscale-egress"
 RELAY_IMAGE: Final = "ghcr.io/tailscale/tailscale:v1.102.5"
@@ -194,6 +195,9 @@ class ClusterConfig(_Model):
     pod_cidr: str = "10.42.0.0/16"
     service_cidr: str = "10.43.0.0/16"
     cluster_domain: str = "cluster.local"
+    # The node guard DaemonSet: drops pod ICMP leaving the cluster and pod
+    # traffic to the node's NodePorts, which kube-router accepts before any policy.
+    node_guard: bool = True
 
     @field_validator("protected_namespaces", mode="before")
     @classmethod
@@ -282,6 +286,19 @@ def _cross_section_problems(raw: Mapping[str, Any]) -> list[str]:
             problems.append(f"cluster.protectedNamespaces[{i}] = {name!r}: listed twice")
         if isinstance(name, str):
             seen.add(name)
+    if cluster.get("nodeGuard", True) is True and isinstance(relay_ns, str):
+        guard_ns = guard_namespace(relay_ns)
+        if len(guard_ns) > 63:
+            problems.append(
+                f"cluster.relayNamespace = {relay_ns!r}: at most 52 characters while cluster.nodeGuard is on"
+                f" (the node guard's namespace is <relayNamespace>-node-guard); shorten it"
+            )
+        for i, name in enumerate(names):
+            if name == guard_ns:
+                problems.append(
+                    f"cluster.protectedNamespaces[{i}] = {name!r}: is the node guard's own namespace"
+                    " (<relayNamespace>-node-guard, Pod Security privileged); protect another namespace"
+                )
     exit_tag = tailnet.get("exitNodeTag", "tag:egress-exit")
     if tailnet.get("relayTag", "tag:egress-relay") == exit_tag:
         problems.append(

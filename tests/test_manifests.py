@@ -13,6 +13,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from builders.node_guard import guard_namespace
 from tests.stacks import dev, kube_objects, pinned, pinned_config
 from tests.support.kube import (
     applied_objects,
@@ -101,9 +102,17 @@ class TestIpBlocksAsTheApiServerReadsThem:
         assert mapped == []
 
 
+# The one exception to `restricted`: the node guard, alone in its own namespace.
+NODE_GUARD_NAMESPACE = guard_namespace("tailscale-egress")
+
+
 class TestPodSecurity:
-    def test_every_pod_template_passes_restricted(self, evaluation: Evaluation) -> None:
-        templates = list(pod_templates(applied_objects(evaluation)))
+    def test_every_pod_template_but_the_node_guard_passes_restricted(self, evaluation: Evaluation) -> None:
+        templates = [
+            (name, template)
+            for name, template in pod_templates(applied_objects(evaluation))
+            if name != f"DaemonSet {NODE_GUARD_NAMESPACE}/node-guard"
+        ]
         assert templates, "the stack makes no pods at all"
         found = {name: v for name, template in templates if (v := violations(template))}
         assert found == {}
@@ -112,20 +121,26 @@ class TestPodSecurity:
         labels = {
             n["metadata"]["name"]: n["metadata"].get("labels") or {} for n in kube_objects(evaluation, "Namespace")
         }
-        assert {n: ls.get("pod-security.kubernetes.io/enforce") for n, ls in labels.items()} == dict.fromkeys(
-            labels, "restricted"
-        )
+        enforced = {n: ls.get("pod-security.kubernetes.io/enforce") for n, ls in labels.items()}
+        assert enforced == {**dict.fromkeys(labels, "restricted"), NODE_GUARD_NAMESPACE: "privileged"}
 
     def test_protected_and_relay_namespaces_are_all_labelled(self) -> None:
         labelled = {n["metadata"]["name"] for n in kube_objects(pinned(), "Namespace")}
         config = pinned_config()["tailscale-egress:cluster"]
         protected = {n if isinstance(n, str) else n["name"] for n in config["protectedNamespaces"]}
-        assert labelled == protected | {"tailscale-egress"}
+        assert labelled == protected | {"tailscale-egress", NODE_GUARD_NAMESPACE}
 
     def test_pods_run_only_in_namespaces_that_enforce_restricted(self, evaluation: Evaluation) -> None:
-        labelled = {n["metadata"]["name"] for n in kube_objects(evaluation, "Namespace")}
-        workloads = [o for o in applied_objects(evaluation) if o["kind"] in ("Deployment", "Pod")]
-        assert {o["metadata"]["namespace"] for o in workloads} <= labelled
+        labelled = {n["metadata"]["name"] for n in kube_objects(evaluation, "Namespace")} - {NODE_GUARD_NAMESPACE}
+        workloads = [o for o in applied_objects(evaluation) if o["kind"] in ("Deployment", "Pod", "DaemonSet")]
+        namespaces = [o["metadata"]["namespace"] for o in workloads if o["metadata"]["name"] != "node-guard"]
+        assert set(namespaces) <= labelled
+
+    def test_the_privileged_namespace_holds_the_node_guard_and_nothing_else(self, evaluation: Evaluation) -> None:
+        inside = [
+            identity(o) for o in applied_objects(evaluation) if o["metadata"].get("namespace") == NODE_GUARD_NAMESPACE
+        ]
+        assert inside == [("DaemonSet", NODE_GUARD_NAMESPACE, "node-guard")]
 
     @pytest.mark.parametrize(
         "break_it",

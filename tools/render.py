@@ -31,6 +31,7 @@ _KINDS = {
     "kubernetes:core/v1:Secret": ("v1", "Secret"),
     "kubernetes:core/v1:Service": ("v1", "Service"),
     "kubernetes:apps/v1:Deployment": ("apps/v1", "Deployment"),
+    "kubernetes:apps/v1:DaemonSet": ("apps/v1", "DaemonSet"),
     "kubernetes:networking.k8s.io/v1:NetworkPolicy": ("networking.k8s.io/v1", "NetworkPolicy"),
 }
 _BODY_FIELDS = ("type", "data", "stringData", "spec")
