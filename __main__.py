@@ -10,6 +10,7 @@ from builders.names import StackNames
 from builders.network_policies import relay_egress
 from builders.proxy_env import PROXY_CONFIGMAP, proxy_environment
 from builders.relay import PROXY_PORTS, relay_host
+from components.admission_guard import AdmissionGuard, AdmissionGuardArgs, deployer_username
 from components.egress_relay import EgressRelay, EgressRelayArgs
 from components.exit_node import HetznerExitNode, HetznerExitNodeArgs
 from components.exit_node_approval import ExitNodeApproval
@@ -24,6 +25,7 @@ cfg = load_config()
 check_environment(cfg)
 current_policy = check_tailnet_policy(cfg)
 names = StackNames.for_stack(pulumi.get_project(), pulumi.get_stack())
+deployer = deployer_username(cfg.cluster) if cfg.cluster.admission_guard else None
 given_relay_key = pulumi.Config(PROJECT).get_secret("relayAuthKey")
 
 # 2. Tailnet access: auth keys (and the policy file, when the stack manages it);
@@ -88,6 +90,16 @@ relay = EgressRelay(
     ),
     in_cluster,
 )
+
+# The admission guard: nothing but the stack decides a protected namespace's egress.
+if deployer is not None:
+    AdmissionGuard(
+        "admission-guard",
+        AdmissionGuardArgs(
+            names.prefix, deployer, [ns.name for ns in cfg.cluster.protected_namespaces], cfg.cluster.relay_namespace
+        ),
+        in_cluster,
+    )
 
 # 6. Outputs: nothing secret.
 pulumi.export("exitNodeHostname", exit_hostname)

@@ -195,6 +195,12 @@ class ClusterConfig(_Model):
     pod_cidr: str = "10.42.0.0/16"
     service_cidr: str = "10.43.0.0/16"
     cluster_domain: str = "cluster.local"
+    # ValidatingAdmissionPolicies that keep the protected namespaces' egress,
+    # the stack's objects and the Pod Security labels as the stack set them.
+    admission_guard: bool = True
+    # The Kubernetes user the stack deploys as, the only one the guard lets
+    # change the stack's objects; None asks the API server (kubectl auth whoami).
+    deployer: str | None = None
     # The node guard DaemonSet: drops pod ICMP leaving the cluster and pod
     # traffic to the node's NodePorts, which kube-router accepts before any policy.
     node_guard: bool = True
@@ -230,6 +236,13 @@ class ClusterConfig(_Model):
         v = _dns_label(v)
         if v in SYSTEM_NAMESPACES or v == "default":
             raise ValueError("must be a namespace of its own, not a system namespace or default")
+        return v
+
+    @field_validator("deployer")
+    @classmethod
+    def _deployer(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or v != v.strip()):
+            raise ValueError("must be a Kubernetes username as `kubectl auth whoami` prints it, or null to ask it")
         return v
 
 

@@ -16,6 +16,8 @@ _RESOURCES: dict[str, Callable[..., pulumi.CustomResource]] = {
     "Deployment": k8s.apps.v1.Deployment,
     "Service": k8s.core.v1.Service,
     "ConfigMap": k8s.core.v1.ConfigMap,
+    "ValidatingAdmissionPolicy": k8s.admissionregistration.v1.ValidatingAdmissionPolicy,
+    "ValidatingAdmissionPolicyBinding": k8s.admissionregistration.v1.ValidatingAdmissionPolicyBinding,
 }
 
 

@@ -33,6 +33,14 @@ _KINDS = {
     "kubernetes:apps/v1:Deployment": ("apps/v1", "Deployment"),
     "kubernetes:apps/v1:DaemonSet": ("apps/v1", "DaemonSet"),
     "kubernetes:networking.k8s.io/v1:NetworkPolicy": ("networking.k8s.io/v1", "NetworkPolicy"),
+    "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicy": (
+        "admissionregistration.k8s.io/v1",
+        "ValidatingAdmissionPolicy",
+    ),
+    "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicyBinding": (
+        "admissionregistration.k8s.io/v1",
+        "ValidatingAdmissionPolicyBinding",
+    ),
 }
 _BODY_FIELDS = ("type", "data", "stringData", "spec")
 

@@ -1,0 +1,346 @@
+"""The admission guard: ValidatingAdmissionPolicies (CEL, in the API server,
+no webhook to run) that keep the egress of protected namespaces decided by
+the stack alone.
+
+NetworkPolicies add up, so one extra policy with an open egress rule (many
+Helm charts ship `egress: [{}]`) would restore full egress; and anyone with
+edit rights in a namespace could delete the stack's policy. Three policies,
+each with its own binding, all named after the stack (many developer stacks
+share a cluster):
+
+- `<prefix>-egress-only-via-relay`: in a protected namespace, a NetworkPolicy
+  may allow egress only to the relay's proxy ports, cluster DNS and pods of
+  the namespace itself. It holds for everyone, the deployer included (a chart
+  installed with the deployer's own credentials is exactly the case); only the
+  stack's own policy, written by the deployer, is let through unchecked, so
+  that a change of relay namespace or ports is never caught between the old
+  guard and the new policy.
+- `<prefix>-stack-objects`: the stack's NetworkPolicy and ConfigMap in each
+  protected namespace, and in the relay namespace every NetworkPolicy plus the
+  relay's Secret, Deployment and Service, are created, changed and deleted by
+  the deployer alone.
+- `<prefix>-pod-security-labels`: the Pod Security labels of the protected and
+  relay namespaces stay `restricted`, with version `latest` or a release not
+  older than POD_SECURITY_VERSION_FLOOR; only the deployer changes them (so
+  `pulumi destroy` can give an existing namespace its labels back).
+
+Namespaces are selected by `kubernetes.io/metadata.name`, which the API server
+sets from the name and nobody can change or remove: a label of our own would
+itself need guarding, and a namespace's UPDATE is matched against its new
+labels, so removing such a label would also switch its guard off.
+
+The guard lets through what the cluster itself must do: the garbage
+collector taking its finalizer off a stack object that is being deleted
+(only when the object's body is unchanged) and the namespace controller
+emptying a namespace that is being deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from builders.kube import DNS_NAMESPACE, NAMESPACE_NAME_LABEL, Manifest, metadata
+
+API_VERSION: Final = "admissionregistration.k8s.io/v1"
+# Pod Security versions older than this are refused as a weakening; `latest`
+# (what the stack sets) is always accepted. Kubernetes 1.30 is the oldest
+# release with ValidatingAdmissionPolicy GA, so the oldest the guard runs on.
+POD_SECURITY_VERSION_FLOOR: Final = 30
+POD_SECURITY_MODES: Final = ("enforce", "warn", "audit")
+# Shown in a render (which contacts no cluster) in place of the deployer.
+DEPLOYER_PLACEHOLDER: Final = "<cluster.deployer: the Kubernetes user that runs pulumi up>"
+
+
+@dataclass(frozen=True)
+class StackObject:
+    """One object the stack owns, by API group, resource (plural) and name."""
+
+    group: str
+    resource: str
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}/{self.resource}/{self.name}"
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    prefix: str  # the stack's name prefix (builders/names.py)
+    deployer: str  # the Kubernetes username that deploys the stack
+    protected_namespaces: tuple[str, ...]
+    relay_namespace: str
+    relay_ports: tuple[int, ...]
+    # The stack's objects in every protected namespace, and in the relay's.
+    protected_objects: tuple[StackObject, ...]
+    relay_objects: tuple[StackObject, ...]
+    # The stack's own default-deny policy in each protected namespace.
+    own_policy_name: str
+    proxy_configmap: str
+
+
+def cel_string(text: str) -> str:
+    """`text` as a CEL string literal: the deployer's name is written into the
+    expressions, and a Kubernetes username may hold any character."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise ValueError(f"{text!r}: a lone surrogate cannot be written as CEL")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _cel_list(items: Sequence[str | int]) -> str:
+    return "[" + ", ".join(cel_string(i) if isinstance(i, str) else str(i) for i in items) + "]"
+
+
+def policy_names(prefix: str) -> tuple[str, str, str]:
+    """(egress, stack objects, pod security labels): one policy and one binding each."""
+    return (f"{prefix}-egress-only-via-relay", f"{prefix}-stack-objects", f"{prefix}-pod-security-labels")
+
+
+def _namespaces_named(names: Sequence[str]) -> Manifest:
+    return {"matchExpressions": [{"key": NAMESPACE_NAME_LABEL, "operator": "In", "values": sorted(set(names))}]}
+
+
+def _rule(group: str, resources: Sequence[str], operations: Sequence[str]) -> Manifest:
+    return {
+        "apiGroups": [group],
+        "apiVersions": ["v1"],
+        "operations": list(operations),
+        "resources": list(resources),
+    }
+
+
+def _policy(name: str, rules: list[Manifest], spec: Manifest) -> Manifest:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": metadata(name),
+        "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": rules}, **spec},
+    }
+
+
+def _binding(name: str, match: Manifest) -> Manifest:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": metadata(name),
+        "spec": {"policyName": name, "validationActions": ["Deny"], "matchResources": match},
+    }
+
+
+def _not_deployer(deployer: str) -> Manifest:
+    return {"name": "not-the-deployer", "expression": f"request.userInfo.username != {cel_string(deployer)}"}
+
+
+def _selects_only(selector: str, namespace: str) -> str:
+    """CEL: the label selector at `selector` selects exactly the namespace
+    named `namespace` (a CEL expression), in the form the stack writes."""
+    return (
+        f"has({selector}.matchLabels)"
+        f" && {selector}.matchLabels == {{{cel_string(NAMESPACE_NAME_LABEL)}: {namespace}}}"
+        f" && (!has({selector}.matchExpressions) || size({selector}.matchExpressions) == 0)"
+    )
+
+
+def _ports_within(protocols: Sequence[str], numbers: Sequence[int]) -> str:
+    """CEL, for an egress rule `r`: it names ports, each a number (no range, no
+    name) in `numbers` on one of `protocols` (absent means TCP)."""
+    default_ok = "true" if "TCP" in protocols else "false"
+    return (
+        "has(r.ports) && size(r.ports) > 0 && r.ports.all(q,"
+        " has(q.port) && type(q.port) == int && !has(q.endPort)"
+        f" && (has(q.protocol) ? q.protocol in {_cel_list(protocols)} : {default_ok})"
+        f" && q.port in {_cel_list(numbers)})"
+    )
+
+
+def egress_allowed_expression(relay_namespace: str, relay_ports: Sequence[int]) -> str:
+    """CEL, true when every egress rule of the NetworkPolicy `object` reaches
+    nothing but pods of its own namespace, the relay's proxy ports and DNS.
+
+    Every egress rule is judged, whatever `policyTypes` says: a policy that
+    leaves `policyTypes` out and has egress rules does govern egress, and a
+    rule held inert by `policyTypes: [Ingress]` is refused too, which costs
+    nothing and does not depend on how an enforcer reads that field. Refused:
+    a rule without `to` (every destination; `egress: [{}]`), any `ipBlock`,
+    a namespace selector other than exactly this namespace, the relay's or
+    kube-system (`{}` is every namespace), and ports beyond the relay's proxy
+    ports or DNS's 53.
+    """
+    relay, dns = cel_string(relay_namespace), cel_string(DNS_NAMESPACE)
+    peer_ok = " || ".join(
+        [
+            "!has(p.namespaceSelector)",
+            f"({_selects_only('p.namespaceSelector', 'request.namespace')})",
+            f"({_selects_only('p.namespaceSelector', relay)} && {_ports_within(['TCP'], relay_ports)})",
+            f"({_selects_only('p.namespaceSelector', dns)} && {_ports_within(['UDP', 'TCP'], [53])})",
+        ]
+    )
+    return (
+        "(has(object.spec.egress) ? object.spec.egress : []).all(r,"
+        f" has(r.to) && size(r.to) > 0 && r.to.all(p, !has(p.ipBlock) && ({peer_ok})))"
+    )
+
+
+def egress_policy(s: GuardSettings) -> Manifest:
+    name = policy_names(s.prefix)[0]
+    ports = ", ".join(map(str, s.relay_ports))
+    message = (
+        f"in a namespace protected by tailscale-egress stack {s.prefix}, a NetworkPolicy may allow egress only"
+        f" to the relay (namespace {s.relay_namespace}, TCP {ports}), cluster DNS ({DNS_NAMESPACE}, port 53)"
+        " and pods of this namespace: an egress rule with no `to`, an ipBlock, another namespace or other ports"
+        " would open a way around the relay. Reach the internet through the proxy instead"
+        f" (envFrom: configMapRef {s.proxy_configmap})"
+    )
+    return _policy(
+        name,
+        [_rule("networking.k8s.io", ["networkpolicies"], ["CREATE", "UPDATE"])],
+        {
+            "matchConditions": [
+                {
+                    # The stack's own policy, written by the deployer: see the module's docstring.
+                    "name": "not-the-stacks-own-policy",
+                    "expression": f"!(request.userInfo.username == {cel_string(s.deployer)}"
+                    f" && request.name == {cel_string(s.own_policy_name)})",
+                },
+                {
+                    # The garbage collector removing a finalizer from a policy being deleted.
+                    "name": "not-a-finalizer-update",
+                    "expression": "!(request.operation == 'UPDATE' && has(oldObject.metadata.deletionTimestamp)"
+                    " && object.spec == oldObject.spec)",
+                },
+            ],
+            "validations": [
+                {
+                    "expression": egress_allowed_expression(s.relay_namespace, s.relay_ports),
+                    "message": message,
+                    "messageExpression": f"'NetworkPolicy ' + request.namespace + '/' + request.name + ': ' + "
+                    f"{cel_string(message)}",
+                    "reason": "Forbidden",
+                }
+            ],
+        },
+    )
+
+
+def _unchanged(field: str) -> str:
+    new, old = f"object.{field}", f"oldObject.{field}"
+    return f"(has({new}) ? has({old}) && {new} == {old} : !has({old}))"
+
+
+def stack_objects_policy(s: GuardSettings) -> Manifest:
+    name = policy_names(s.prefix)[1]
+    key = "request.resource.group + '/' + request.resource.resource + '/' + request.name"
+    relay_ns = cel_string(s.relay_namespace)
+    is_stack_object = (
+        f"(request.namespace == {relay_ns}"
+        f" ? (request.resource.resource == 'networkpolicies' || {key} in {_cel_list([o.key for o in s.relay_objects])})"
+        f" : {key} in {_cel_list([o.key for o in s.protected_objects])})"
+    )
+    # A namespace being deleted is emptied by the namespace controller.
+    namespace_going = (
+        "request.operation == 'DELETE' && namespaceObject != null && has(namespaceObject.metadata.deletionTimestamp)"
+    )
+    # The garbage collector takes `foregroundDeletion` off an object that the
+    # deployer deletes; the body must stay as it is.
+    finalizer_update = "request.operation == 'UPDATE' && has(oldObject.metadata.deletionTimestamp) && " + " && ".join(
+        _unchanged(f) for f in ("spec", "data", "binaryData")
+    )
+    message = (
+        f"belongs to tailscale-egress stack {s.prefix}: only {s.deployer!r}, the identity that deploys the stack,"
+        " may create, change or delete it (in the relay namespace, any NetworkPolicy). Change the stack's"
+        " configuration and run pulumi up instead"
+    )
+    rules = [
+        _rule("", ["configmaps", "secrets", "services"], ["CREATE", "UPDATE", "DELETE"]),
+        _rule("apps", ["deployments"], ["CREATE", "UPDATE", "DELETE"]),
+        _rule("networking.k8s.io", ["networkpolicies"], ["CREATE", "UPDATE", "DELETE"]),
+    ]
+    return _policy(
+        name,
+        rules,
+        {
+            "matchConditions": [_not_deployer(s.deployer)],
+            "validations": [
+                {
+                    "expression": f"!{is_stack_object} || ({namespace_going}) || ({finalizer_update})",
+                    "message": message,
+                    "messageExpression": "request.kind.kind + ' ' + request.namespace + '/' + request.name + ' ' + "
+                    f"{cel_string(message)}",
+                    "reason": "Forbidden",
+                }
+            ],
+        },
+    )
+
+
+def pod_security_policy(s: GuardSettings) -> Manifest:
+    name = policy_names(s.prefix)[2]
+    labels = "variables.labels"
+    level = " && ".join(
+        f"'pod-security.kubernetes.io/{m}' in {labels} && {labels}['pod-security.kubernetes.io/{m}'] == 'restricted'"
+        for m in POD_SECURITY_MODES
+    )
+
+    def version_ok(mode: str) -> str:
+        v = f"{labels}['pod-security.kubernetes.io/{mode}-version']"
+        return (
+            f"(!('pod-security.kubernetes.io/{mode}-version' in {labels}) || {v} == 'latest'"
+            f" || ({v}.matches('^v1\\\\.[0-9]{{1,4}}$') && int({v}.substring(3)) >= {POD_SECURITY_VERSION_FLOOR}))"
+        )
+
+    message = (
+        f"is protected by tailscale-egress stack {s.prefix}: its labels pod-security.kubernetes.io/enforce, warn"
+        f" and audit must stay restricted, their -version labels latest or v1.{POD_SECURITY_VERSION_FLOOR} or"
+        f" later; only {s.deployer!r}, the identity that deploys the stack, may change them"
+        " (pulumi destroy gives the labels back)"
+    )
+    return _policy(
+        name,
+        [_rule("", ["namespaces"], ["UPDATE"])],
+        {
+            "matchConditions": [_not_deployer(s.deployer)],
+            "variables": [
+                {"name": "labels", "expression": "has(object.metadata.labels) ? object.metadata.labels : {}"}
+            ],
+            "validations": [
+                {
+                    "expression": f"{level} && " + " && ".join(version_ok(m) for m in POD_SECURITY_MODES),
+                    "message": message,
+                    "messageExpression": f"'Namespace ' + request.name + ' ' + {cel_string(message)}",
+                    "reason": "Forbidden",
+                }
+            ],
+        },
+    )
+
+
+def admission_guard(s: GuardSettings) -> list[Manifest]:
+    """The three policies, each followed by its binding."""
+    egress_name, objects_name, labels_name = policy_names(s.prefix)
+    all_namespaces = [*s.protected_namespaces, s.relay_namespace]
+    return [
+        egress_policy(s),
+        _binding(egress_name, {"namespaceSelector": _namespaces_named(s.protected_namespaces)}),
+        stack_objects_policy(s),
+        _binding(objects_name, {"namespaceSelector": _namespaces_named(all_namespaces)}),
+        pod_security_policy(s),
+        _binding(
+            labels_name,
+            {
+                "resourceRules": [
+                    {**_rule("", ["namespaces"], ["UPDATE"]), "resourceNames": sorted(set(all_namespaces))}
+                ]
+            },
+        ),
+    ]

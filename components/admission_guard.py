@@ -1,0 +1,134 @@
+"""AdmissionGuard: ValidatingAdmissionPolicies and their bindings that keep a
+protected namespace's egress decided by the stack alone (see
+builders/admission.py for what each refuses).
+
+The guard names the identity that deploys the stack: it alone may change
+the stack's objects and the namespaces' Pod Security labels. That identity
+is asked of the API server with the very kubeconfig and context the
+Kubernetes provider uses (`kubectl auth whoami`, a SelfSubjectReview), so it
+is the user the provider acts as, whatever the kubeconfig authenticates
+with (certificate, token, exec plugin, OIDC); `cluster.deployer` overrides it.
+The guard does not depend on the stack's other objects, nor they on it:
+the deployer passes it, so any order of creation and deletion works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulumi
+
+from builders.admission import DEPLOYER_PLACEHOLDER, GuardSettings, StackObject, admission_guard
+from builders.network_policies import protected_namespace_policy
+from builders.proxy_env import PROXY_CONFIGMAP
+from builders.relay import PROXY_PORTS, RELAY_NAME
+from components.egress_relay import AUTH_SECRET_NAME
+from components.kube import apply_manifest
+from config import ClusterConfig
+from preflight import OFFLINE_ENV, PreflightError
+
+WHOAMI_TIMEOUT_SECONDS = 30
+# The stack's default-deny policy in each protected namespace, by the name its builder gives it.
+OWN_POLICY_NAME: str = protected_namespace_policy("x", "y", PROXY_PORTS)["metadata"]["name"]
+
+
+FIX = (
+    "set the user the stack deploys as: pulumi config set --path cluster.deployer <username>"
+    " (or turn the guard off, losing its protection: pulumi config set --path cluster.admissionGuard false)"
+)
+
+
+def whoami_command(cluster: ClusterConfig) -> list[str]:
+    command = ["kubectl", "auth", "whoami", "--output", "json", "--context", cluster.context]
+    if cluster.kubeconfig:
+        command += ["--kubeconfig", str(Path(cluster.kubeconfig).expanduser())]
+    return command
+
+
+def deployer_username(cluster: ClusterConfig) -> str:
+    """The Kubernetes username the stack deploys as: `cluster.deployer`, else
+    what the API server answers for the provider's kubeconfig and context.
+
+    A render (nothing contacted) without `cluster.deployer` shows a placeholder.
+    Raises PreflightError, naming the key and the fix, when it cannot be told.
+    """
+    if cluster.deployer is not None:
+        return cluster.deployer
+    if os.environ.get(OFFLINE_ENV) == "1":
+        return DEPLOYER_PLACEHOLDER
+    command = whoami_command(cluster)
+    shown = " ".join(command)
+    where = "tailscale-egress:cluster.deployer is not set, and"
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=WHOAMI_TIMEOUT_SECONDS, check=False)
+    except FileNotFoundError:
+        raise PreflightError(
+            f"{where} kubectl is not on PATH to ask the API server who deploys the stack (`{shown}`,"
+            f" kubectl 1.28 or later): install kubectl, or {FIX}"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise PreflightError(f"{where} `{shown}` did not answer in {WHOAMI_TIMEOUT_SECONDS} s: {FIX}") from None
+    if done.returncode != 0:
+        why = done.stderr.strip() or done.stdout.strip()
+        raise PreflightError(
+            f"{where} `{shown}` failed: {why} (the guard needs kubectl 1.28 or later and Kubernetes 1.30 or later):"
+            f" {FIX}"
+        )
+    try:
+        username = json.loads(done.stdout)["status"]["userInfo"]["username"]
+    except (ValueError, KeyError, TypeError):
+        username = None
+    if not isinstance(username, str) or not username:
+        raise PreflightError(f"{where} `{shown}` named no username ({done.stdout.strip()[:200]!r}): {FIX}")
+    return username
+
+
+@dataclass(frozen=True)
+class AdmissionGuardArgs:
+    prefix: str  # StackNames.prefix: the policies are named after the stack
+    deployer: str
+    protected_namespaces: Sequence[str]
+    relay_namespace: str
+
+
+def guard_settings(args: AdmissionGuardArgs) -> GuardSettings:
+    return GuardSettings(
+        prefix=args.prefix,
+        deployer=args.deployer,
+        protected_namespaces=tuple(args.protected_namespaces),
+        relay_namespace=args.relay_namespace,
+        relay_ports=tuple(PROXY_PORTS),
+        protected_objects=(
+            StackObject("networking.k8s.io", "networkpolicies", OWN_POLICY_NAME),
+            StackObject("", "configmaps", PROXY_CONFIGMAP),
+        ),
+        relay_objects=(
+            StackObject("", "secrets", AUTH_SECRET_NAME),
+            StackObject("apps", "deployments", RELAY_NAME),
+            StackObject("", "services", RELAY_NAME),
+        ),
+        own_policy_name=OWN_POLICY_NAME,
+        proxy_configmap=PROXY_CONFIGMAP,
+    )
+
+
+class AdmissionGuard(pulumi.ComponentResource):
+    def __init__(self, name: str, args: AdmissionGuardArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("tailscale-egress:admission:AdmissionGuard", name, None, opts)
+        policy: pulumi.CustomResource | None = None
+        for manifest in admission_guard(guard_settings(args)):
+            # Logical names without the stack prefix (the objects' own names carry it).
+            part = manifest["metadata"]["name"].removeprefix(f"{args.prefix}-")
+            if manifest["kind"] == "ValidatingAdmissionPolicy":
+                policy = apply_manifest(f"{name}-{part}", manifest, pulumi.ResourceOptions(parent=self))
+            else:
+                assert policy is not None
+                apply_manifest(
+                    f"{name}-{part}-binding", manifest, pulumi.ResourceOptions(parent=self, depends_on=[policy])
+                )
+        self.register_outputs({})
