@@ -15,7 +15,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic.alias_generators import to_camel
 
 from builders.networks import is_public, is_tailnet_ip
-from builders.node_guard import guard_namespace
 
 PROJECT: Final = "tailscale-egress"
 RELAY_IMAGE: Final = "ghcr.io/tailscale/tailscale:v1.102.5"
@@ -35,6 +34,7 @@ EXIT_NODE_IMAGES: Final[dict[str, tuple[str, str]]] = {
     "debian-13": ("debian", "trixie"),
 }
 SYSTEM_NAMESPACES: Final = frozenset({"kube-system", "kube-public", "kube-node-lease"})
+RELAY_EGRESS_MODES: Final = ("pinned", "public")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _TAG = re.compile(r"^tag:[a-zA-Z][-a-zA-Z0-9]*$")
@@ -125,6 +125,9 @@ class TailnetConfig(_Model):
     manage_policy: bool = False
     login_server: str | None = None
     control_plane_cidrs: list[str] = Field(default_factory=list)
+    # pinned: the relay reaches the exit node and the control plane only;
+    # public: any public address too (a direct dial then leaves the cluster).
+    relay_egress: Annotated[str, _one_of(RELAY_EGRESS_MODES)] = "pinned"
     exit_node_key_expiry_seconds: int = Field(default=3600, ge=300, le=86400)
     # The relay's reusable key: renewed by `pulumi up` once half of this has passed.
     relay_key_expiry_hours: int = Field(default=168, ge=2, le=2160)
@@ -195,15 +198,6 @@ class ClusterConfig(_Model):
     pod_cidr: str = "10.42.0.0/16"
     service_cidr: str = "10.43.0.0/16"
     cluster_domain: str = "cluster.local"
-    # ValidatingAdmissionPolicies that keep the protected namespaces' egress,
-    # the stack's objects and the Pod Security labels as the stack set them.
-    admission_guard: bool = True
-    # The Kubernetes user the stack deploys as, the only one the guard lets
-    # change the stack's objects; None asks the API server (kubectl auth whoami).
-    deployer: str | None = None
-    # The node guard DaemonSet: drops pod ICMP leaving the cluster and pod
-    # traffic to the node's NodePorts, which kube-router accepts before any policy.
-    node_guard: bool = True
 
     @field_validator("protected_namespaces", mode="before")
     @classmethod
@@ -236,13 +230,6 @@ class ClusterConfig(_Model):
         v = _dns_label(v)
         if v in SYSTEM_NAMESPACES or v == "default":
             raise ValueError("must be a namespace of its own, not a system namespace or default")
-        return v
-
-    @field_validator("deployer")
-    @classmethod
-    def _deployer(cls, v: str | None) -> str | None:
-        if v is not None and (not v.strip() or v != v.strip()):
-            raise ValueError("must be a Kubernetes username as `kubectl auth whoami` prints it, or null to ask it")
         return v
 
 
@@ -299,19 +286,6 @@ def _cross_section_problems(raw: Mapping[str, Any]) -> list[str]:
             problems.append(f"cluster.protectedNamespaces[{i}] = {name!r}: listed twice")
         if isinstance(name, str):
             seen.add(name)
-    if cluster.get("nodeGuard", True) is True and isinstance(relay_ns, str):
-        guard_ns = guard_namespace(relay_ns)
-        if len(guard_ns) > 63:
-            problems.append(
-                f"cluster.relayNamespace = {relay_ns!r}: at most 52 characters while cluster.nodeGuard is on"
-                f" (the node guard's namespace is <relayNamespace>-node-guard); shorten it"
-            )
-        for i, name in enumerate(names):
-            if name == guard_ns:
-                problems.append(
-                    f"cluster.protectedNamespaces[{i}] = {name!r}: is the node guard's own namespace"
-                    " (<relayNamespace>-node-guard, Pod Security privileged); protect another namespace"
-                )
     exit_tag = tailnet.get("exitNodeTag", "tag:egress-exit")
     if tailnet.get("relayTag", "tag:egress-relay") == exit_tag:
         problems.append(
@@ -335,12 +309,43 @@ def _cross_section_problems(raw: Mapping[str, Any]) -> list[str]:
             f"exitNode.sshAllowedCidrs = {exit_node['sshAllowedCidrs']!r}: only applies to an exit node the stack"
             " creates; remove it, or unset exitNode.existingTailnetIp"
         )
+    if tailnet.get("relayEgress", "pinned") == "pinned":
+        problems += _pinned_egress_problems(exit_node, tailnet, byo)
     if not byo and exit_node.get("existingPublicIps"):
         problems.append(
             f"exitNode.existingPublicIps = {exit_node['existingPublicIps']!r}: only applies with"
             " exitNode.existingTailnetIp (the stack knows the public IPs of an exit node it creates)"
         )
     return problems
+
+
+def _pinned_egress_problems(exit_node: Mapping[str, Any], tailnet: Mapping[str, Any], byo: bool) -> list[str]:
+    """Pinned relay egress (the default) needs every address the relay uses;
+    refused rather than silently opened to the public internet."""
+    problems: list[str] = []
+    opt_out = "or set tailnet.relayEgress to public (the relay may then reach any public address)"
+    if byo and not exit_node.get("existingPublicIps"):
+        problems.append(
+            f"exitNode.existingPublicIps = {exit_node.get('existingPublicIps', [])!r}: required with"
+            " exitNode.existingTailnetIp while tailnet.relayEgress is pinned (the default): list your exit"
+            f" node's public IPs, the only addresses the relay may send WireGuard to; {opt_out}"
+        )
+    login = tailnet.get("loginServer")
+    if isinstance(login, str) and not tailnet.get("controlPlaneCidrs") and not _names_an_ip(login):
+        problems.append(
+            f"tailnet.controlPlaneCidrs = {tailnet.get('controlPlaneCidrs', [])!r}: required with"
+            f" tailnet.loginServer = {login!r} (a host name) while tailnet.relayEgress is pinned (the default):"
+            f" list the control server's addresses, or give tailnet.loginServer as an IP; {opt_out}"
+        )
+    return problems
+
+
+def _names_an_ip(url: str) -> bool:
+    try:
+        ipaddress.ip_address(urlsplit(url).hostname or "")
+    except ValueError:
+        return False
+    return True
 
 
 def parse_config(raw: Mapping[str, Any]) -> StackConfig:

@@ -18,7 +18,15 @@ from builders.kube import (
     Manifest,
     metadata,
 )
-from builders.networks import NON_PUBLIC_IPV4, NON_PUBLIC_IPV6, STUN_PORT, WIREGUARD_PORT, host_cidr
+from builders.networks import (
+    CONTROL_PORTS,
+    NON_PUBLIC_IPV4,
+    NON_PUBLIC_IPV6,
+    STUN_PORT,
+    TAILSCALE_CONTROL_PLANE_CIDRS,
+    WIREGUARD_PORT,
+    host_cidr,
+)
 
 Protocol = Literal["TCP", "UDP"]
 
@@ -132,7 +140,7 @@ class RelayEgress:
 
     # Always allowed, even when private: the control server and (pinned) the exit node.
     destinations: tuple[Destination, ...]
-    # Also any public address: set when an address the relay needs is unknown.
+    # Also any public address: only on the explicit opt-in `tailnet.relayEgress: public`.
     public_internet: bool
 
     @property
@@ -144,26 +152,45 @@ def relay_egress(
     exit_node_public_ips: Sequence[str],
     login_server_address: tuple[str, int] | None,
     control_plane_cidrs: Sequence[str],
+    *,
+    hosted_control_plane: bool,
+    public_internet: bool = False,
 ) -> RelayEgress:
-    """The relay's destinations: the control server (its HTTP(S) port, and STUN
-    for the DERP server it embeds) and the exit node's WireGuard port.
+    """The relay's destinations: the control server (its HTTP(S) ports, and
+    STUN for the DERP server Headscale embeds) and the exit node's WireGuard
+    port.
 
-    When every one of those addresses is known, that is all (pinned): a proxy
-    request that tailscaled would dial directly, as it does while its exit
-    node is unresolvable, then finds no way out. Tailscale's hosted control
-    plane has no fixed addresses unless `tailnet.controlPlaneCidrs` lists
-    them; then the relay gets the public internet too. A login server on a
-    private address is reachable in both cases, at its address and port alone.
+    Pinned (the default) is that and nothing more: a proxy request that
+    tailscaled dials directly, as it does while its exit node is missing from
+    the netmap (removed, not yet there, before the first netmap), finds no
+    way out. The control plane is a login server at an IP literal,
+    `control_plane_cidrs`, or, for Tailscale's hosted control plane when no
+    CIDRs are given, the ranges Tailscale publishes. DERP is not reachable
+    when pinned; the relay connects to the exit node's public UDP port.
+
+    `public_internet` (`tailnet.relayEgress: public`) adds any public
+    address. A login server on a private address is reachable in both
+    modes, at its address and port alone. Raises ValueError when a pinned
+    policy lacks the exit node's or the control plane's addresses (the
+    configuration refuses that before anything is created).
     """
     control: list[Destination] = []
     if login_server_address is not None:
         ip, port = login_server_address
         control += [Destination(host_cidr(ip), "TCP", port), Destination(host_cidr(ip), "UDP", STUN_PORT)]
-    for cidr in control_plane_cidrs:
-        control += [Destination(cidr, "TCP", 443), Destination(cidr, "TCP", 80), Destination(cidr, "UDP", STUN_PORT)]
-    pinned = bool(exit_node_public_ips) and bool(control)
-    exit_node = [Destination(host_cidr(ip), "UDP", WIREGUARD_PORT) for ip in exit_node_public_ips] if pinned else []
-    return RelayEgress(destinations=tuple(control + exit_node), public_internet=not pinned)
+    cidrs = list(control_plane_cidrs)
+    if not cidrs and hosted_control_plane and not public_internet:
+        cidrs = list(TAILSCALE_CONTROL_PLANE_CIDRS)
+    for cidr in cidrs:
+        control += [Destination(cidr, "TCP", port) for port in CONTROL_PORTS]
+        control.append(Destination(cidr, "UDP", STUN_PORT))
+    if public_internet:
+        return RelayEgress(destinations=tuple(control), public_internet=True)
+    if not exit_node_public_ips or not control:
+        missing = "the exit node's public IPs" if not exit_node_public_ips else "the control plane's addresses"
+        raise ValueError(f"pinned relay egress needs {missing} (or tailnet.relayEgress: public)")
+    exit_node = [Destination(host_cidr(ip), "UDP", WIREGUARD_PORT) for ip in exit_node_public_ips]
+    return RelayEgress(destinations=tuple(control + exit_node), public_internet=False)
 
 
 def relay_egress_policy(namespace: str, egress: RelayEgress) -> Manifest:

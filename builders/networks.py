@@ -47,6 +47,18 @@ EXIT_ROUTES: Final[tuple[str, str]] = ("0.0.0.0/0", "::/0")
 WIREGUARD_PORT: Final = 41641
 # STUN, served by DERP servers (Headscale's embedded one included).
 STUN_PORT: Final = 3478
+# A control server's ports: its Noise protocol over HTTP (tried first), then HTTPS.
+CONTROL_PORTS: Final[tuple[int, ...]] = (443, 80)
+
+# Tailscale's hosted control plane (controlplane.tailscale.com), the ranges
+# Tailscale publishes in "What firewall ports should I open to use
+# Tailscale?": https://tailscale.com/kb/1082/firewall-ports
+# Its logging ranges (199.165.136.0/24, 2606:b740:1::/48) are left out: the
+# relay runs with TS_NO_LOGS_NO_SUPPORT and never uploads logs. DERP relays
+# have no published range; the relay does without them (it reaches the exit
+# node directly on its public UDP port: tests/datapath/test_fail_closed.py).
+# `tailnet.controlPlaneCidrs` replaces these when Tailscale changes them.
+TAILSCALE_CONTROL_PLANE_CIDRS: Final[tuple[str, ...]] = ("192.200.0.0/24", "2606:b740:49::/48")
 
 
 def _networks(cidrs: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -50,6 +50,18 @@ def cluster_only_config(relay_namespace: str = "tailscale-egress") -> dict[str, 
 RELAY_AUTH_KEY = "tailscale-egress:relayAuthKey"
 
 
+def public_config() -> dict[str, Any]:
+    """The default stack with the explicit opt-in to the public internet."""
+    return with_config(dev_config(), "tailnet", relayEgress="public")
+
+
+@cache
+def public() -> Evaluation:
+    result = evaluate(public_config(), "public")
+    assert result.error is None, result.error
+    return result
+
+
 @cache
 def dev() -> Evaluation:
     result = evaluate(dev_config(), "dev")

@@ -175,3 +175,38 @@ def test_the_readme_documents_every_key() -> None:
     for section, keys in StackConfig().model_dump(by_alias=True).items():
         for key in keys:
             assert f"| `{section}.{key}` |" in readme, f"{section}.{key} is missing from the README's reference"
+
+
+# Pinned relay egress (the default) needs every address the relay uses.
+
+
+def test_your_own_exit_node_without_its_public_ips_is_refused_while_pinned() -> None:
+    message = refused(with_config(dev_config(), "exitNode", existingTailnetIp="100.64.0.7"))
+    assert (
+        "tailscale-egress:exitNode.existingPublicIps = []: required with exitNode.existingTailnetIp"
+        " while tailnet.relayEgress is pinned (the default)"
+    ) in message
+    assert "or set tailnet.relayEgress to public" in message
+
+
+def test_your_own_exit_node_without_public_ips_is_accepted_with_the_public_opt_in() -> None:
+    config = with_config(dev_config(), "exitNode", existingTailnetIp="100.64.0.7")
+    config = with_config(config, "tailnet", relayEgress="public")
+    assert evaluate(config, "public").error is None
+
+
+def test_a_login_server_named_by_host_name_needs_its_addresses_while_pinned() -> None:
+    config = with_config(dev_config(), "exitNode", existingTailnetIp="100.64.0.7", existingPublicIps=["203.0.113.7"])
+    message = refused(with_config(config, "tailnet", loginServer="https://hs.example.com"))
+    assert (
+        "tailnet.controlPlaneCidrs = []: required with tailnet.loginServer = 'https://hs.example.com'"
+        " (a host name) while tailnet.relayEgress is pinned"
+    ) in message
+    config = with_config(config, "tailnet", loginServer="https://hs.example.com", controlPlaneCidrs=["203.0.113.0/28"])
+    config["tailscale-egress:relayAuthKey"] = "tskey-auth-MOCK"
+    assert evaluate(config, "ok", secret_keys=("tailscale-egress:relayAuthKey",)).error is None
+
+
+def test_an_unknown_relay_egress_mode_is_refused() -> None:
+    message = refused(with_config(dev_config(), "tailnet", relayEgress="open"))
+    assert "tailscale-egress:tailnet.relayEgress = 'open': must be one of pinned, public" in message

@@ -10,13 +10,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.stacks import dev, kube_objects, pinned, pinned_config
+from builders.networks import TAILSCALE_CONTROL_PLANE_CIDRS
+from tests.stacks import dev, kube_objects, pinned, pinned_config, public
 from tests.support import netpol
 from tests.support.cluster import Cluster, cluster_for
 from tests.support.nca import Connections, ConnectivityMap, connectivity
 from tools.mockstack import Evaluation
 
-STACKS = {"dev": dev, "pinned": pinned}
+STACKS = {"dev": dev, "pinned": pinned, "public": public}
 
 # What the user is promised, spelled out here rather than read from the builders.
 PROXY_PORTS = {"TCP": {1080, 3128}}
@@ -93,6 +94,11 @@ def dev_map(analysed: dict[str, tuple[Cluster, ConnectivityMap]]) -> tuple[Clust
 
 
 @pytest.fixture(scope="module")
+def public_map(analysed: dict[str, tuple[Cluster, ConnectivityMap]]) -> tuple[Cluster, ConnectivityMap]:
+    return analysed["public"]
+
+
+@pytest.fixture(scope="module")
 def pinned_map(analysed: dict[str, tuple[Cluster, ConnectivityMap]]) -> tuple[Cluster, ConnectivityMap]:
     return analysed["pinned"]
 
@@ -152,22 +158,49 @@ class TestRelay:
 
 
 class TestRelayEgressInDevStack:
-    """`dev` does not know every address the relay needs: it gets the public internet."""
+    """`dev`, the default (Hetzner exit node, Tailscale's control plane) is pinned:
+    the exit node's WireGuard port and Tailscale's published control plane ranges."""
+
+    def test_reaches_only_the_control_plane_ranges_and_the_exit_node(
+        self, dev_map: tuple[Cluster, ConnectivityMap]
+    ) -> None:
+        cluster, nca_map = dev_map
+        control = {"TCP": {80, 443}, "UDP": {3478}}
+        expected = {ipaddress.ip_network(c): control for c in TAILSCALE_CONTROL_PLANE_CIDRS}
+        expected |= {ipaddress.ip_network(ip): {"UDP": {41641}} for ip in dev().outputs["exitNodePublicIps"]}
+        reached: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, dict[str, set[int]]] = {}
+        for addresses, connections in nca_map.address_destinations(cluster.relay_pod):
+            within = [n for n in expected if addresses.first in n and addresses.last in n]
+            assert within, f"the relay reaches {addresses}, outside the pinned addresses"
+            for protocol, numbers in finite(connections).items():
+                reached.setdefault(within[0], {}).setdefault(protocol, set()).update(numbers)
+        assert reached == expected
+        for network, ports in expected.items():
+            assert finite(nca_map.to_address(cluster.relay_pod, str(network[0]))) == ports, network
+
+    @pytest.mark.parametrize("address", [*INTERNET, "192.200.1.1", "199.165.136.1", *HOST_AND_LAN])
+    def test_reaches_no_other_address(self, address: str, dev_map: tuple[Cluster, ConnectivityMap]) -> None:
+        cluster, nca_map = dev_map
+        assert not nca_map.to_address(cluster.relay_pod, address)
+
+
+class TestRelayEgressInPublicStack:
+    """`relayEgress: public`, the explicit opt-in: any public address, nothing private."""
 
     @pytest.mark.parametrize("address", INTERNET)
-    def test_reaches_public_address(self, address: str, dev_map: tuple[Cluster, ConnectivityMap]) -> None:
-        cluster, nca_map = dev_map
+    def test_reaches_public_address(self, address: str, public_map: tuple[Cluster, ConnectivityMap]) -> None:
+        cluster, nca_map = public_map
         assert nca_map.to_address(cluster.relay_pod, address).everything
 
     @pytest.mark.parametrize("address", HOST_AND_LAN)
     def test_reaches_no_host_lan_or_metadata_address(
-        self, address: str, dev_map: tuple[Cluster, ConnectivityMap]
+        self, address: str, public_map: tuple[Cluster, ConnectivityMap]
     ) -> None:
-        cluster, nca_map = dev_map
+        cluster, nca_map = public_map
         assert not nca_map.to_address(cluster.relay_pod, address)
 
-    def test_reaches_nothing_in_any_non_public_range(self, dev_map: tuple[Cluster, ConnectivityMap]) -> None:
-        cluster, nca_map = dev_map
+    def test_reaches_nothing_in_any_non_public_range(self, public_map: tuple[Cluster, ConnectivityMap]) -> None:
+        cluster, nca_map = public_map
         leaks = [
             f"{reached} overlaps {network}"
             for reached, _ in nca_map.address_destinations(cluster.relay_pod)

@@ -113,12 +113,12 @@ def test_existing_namespaces_are_only_labelled_and_new_ones_are_created() -> Non
     # Destroying a patch removes only the labels the stack set; destroying a
     # Namespace deletes it: so the stack must never create default or team-b.
     assert patched == {"default", "team-b"}
-    assert created == {"team-a", "tailscale-egress", "tailscale-egress-node-guard"}
+    assert created == {"team-a", "tailscale-egress"}
 
 
 def test_system_and_other_namespaces_are_untouched() -> None:
     touched = {m["metadata"].get("namespace") or m["metadata"]["name"] for m in kube_objects(pinned())}
-    assert touched == {"default", "team-a", "team-b", "tailscale-egress", "tailscale-egress-node-guard"}
+    assert touched == {"default", "team-a", "team-b", "tailscale-egress"}
 
 
 def test_the_relay_leaves_the_tailnet_when_its_pod_stops() -> None:
@@ -151,7 +151,7 @@ def test_a_new_exit_node_key_means_a_new_vm_with_a_new_hostname() -> None:
 
 
 def test_bring_your_own_exit_node_creates_nothing_on_hetzner() -> None:
-    config = with_config(dev_config(), "exitNode", existingTailnetIp="100.64.0.7")
+    config = with_config(dev_config(), "exitNode", existingTailnetIp="100.64.0.7", existingPublicIps=["203.0.113.7"])
     evaluation = evaluate(config, "byo")
     assert evaluation.error is None, evaluation.error
     assert not [r for r in evaluation.resources if r.type.startswith("hcloud:")]
