@@ -10,9 +10,11 @@ from builders.names import StackNames
 from builders.network_policies import relay_egress
 from builders.proxy_env import PROXY_CONFIGMAP, proxy_environment
 from builders.relay import PROXY_PORTS, relay_host
+from components.admission_guard import AdmissionGuard, AdmissionGuardArgs, deployer_username
 from components.egress_relay import EgressRelay, EgressRelayArgs
 from components.exit_node import HetznerExitNode, HetznerExitNodeArgs
 from components.exit_node_approval import ExitNodeApproval
+from components.node_guard import NodeGuard, NodeGuardArgs
 from components.protected_namespace import ProtectedNamespace, ProtectedNamespaceArgs
 from components.tailnet_access import TailnetAccess, TailnetAccessArgs
 from config import PROJECT, load_config
@@ -23,6 +25,7 @@ cfg = load_config()
 check_environment(cfg)
 current_policy = check_tailnet_policy(cfg)
 names = StackNames.for_stack(pulumi.get_project(), pulumi.get_stack())
+deployer = deployer_username(cfg.cluster) if cfg.cluster.admission_guard else None
 given_relay_key = pulumi.Config(PROJECT).get_secret("relayAuthKey")
 
 # 2. Tailnet access: auth keys (and the policy file, when the stack manages it);
@@ -65,6 +68,10 @@ protected = [
     for ns in cfg.cluster.protected_namespaces
 ]
 
+# The node guard: what kube-router accepts before any policy (ICMP out, the node's NodePorts).
+if cfg.cluster.node_guard:
+    NodeGuard("node-guard", NodeGuardArgs(cfg.cluster), in_cluster)
+
 # 5. The relay: SOCKS5 and HTTP CONNECT proxies into the tailnet, via the exit node.
 public_egress = cfg.tailnet.relay_egress == "public"
 if public_egress:
@@ -97,6 +104,16 @@ relay = EgressRelay(
     ),
     in_cluster,
 )
+
+# The admission guard: nothing but the stack decides a protected namespace's egress.
+if deployer is not None:
+    AdmissionGuard(
+        "admission-guard",
+        AdmissionGuardArgs(
+            names.prefix, deployer, [ns.name for ns in cfg.cluster.protected_namespaces], cfg.cluster.relay_namespace
+        ),
+        in_cluster,
+    )
 
 # 6. Outputs: nothing secret.
 pulumi.export("exitNodeHostname", exit_hostname)

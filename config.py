@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic.alias_generators import to_camel
 
 from builders.networks import is_public, is_tailnet_ip
+from builders.node_guard import guard_namespace
 
 PROJECT: Final = "tailscale-egress"
 RELAY_IMAGE: Final = "ghcr.io/tailscale/tailscale:v1.102.5"
@@ -198,6 +199,15 @@ class ClusterConfig(_Model):
     pod_cidr: str = "10.42.0.0/16"
     service_cidr: str = "10.43.0.0/16"
     cluster_domain: str = "cluster.local"
+    # ValidatingAdmissionPolicies that keep the protected namespaces' egress,
+    # the stack's objects and the Pod Security labels as the stack set them.
+    admission_guard: bool = True
+    # The Kubernetes user the stack deploys as, the only one the guard lets
+    # change the stack's objects; None asks the API server (kubectl auth whoami).
+    deployer: str | None = None
+    # The node guard DaemonSet: drops pod ICMP leaving the cluster and pod
+    # traffic to the node's NodePorts, which kube-router accepts before any policy.
+    node_guard: bool = True
 
     @field_validator("protected_namespaces", mode="before")
     @classmethod
@@ -230,6 +240,13 @@ class ClusterConfig(_Model):
         v = _dns_label(v)
         if v in SYSTEM_NAMESPACES or v == "default":
             raise ValueError("must be a namespace of its own, not a system namespace or default")
+        return v
+
+    @field_validator("deployer")
+    @classmethod
+    def _deployer(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or v != v.strip()):
+            raise ValueError("must be a Kubernetes username as `kubectl auth whoami` prints it, or null to ask it")
         return v
 
 
@@ -286,6 +303,19 @@ def _cross_section_problems(raw: Mapping[str, Any]) -> list[str]:
             problems.append(f"cluster.protectedNamespaces[{i}] = {name!r}: listed twice")
         if isinstance(name, str):
             seen.add(name)
+    if cluster.get("nodeGuard", True) is True and isinstance(relay_ns, str):
+        guard_ns = guard_namespace(relay_ns)
+        if len(guard_ns) > 63:
+            problems.append(
+                f"cluster.relayNamespace = {relay_ns!r}: at most 52 characters while cluster.nodeGuard is on"
+                f" (the node guard's namespace is <relayNamespace>-node-guard); shorten it"
+            )
+        for i, name in enumerate(names):
+            if name == guard_ns:
+                problems.append(
+                    f"cluster.protectedNamespaces[{i}] = {name!r}: is the node guard's own namespace"
+                    " (<relayNamespace>-node-guard, Pod Security privileged); protect another namespace"
+                )
     exit_tag = tailnet.get("exitNodeTag", "tag:egress-exit")
     if tailnet.get("relayTag", "tag:egress-relay") == exit_tag:
         problems.append(

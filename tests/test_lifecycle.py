@@ -113,12 +113,12 @@ def test_existing_namespaces_are_only_labelled_and_new_ones_are_created() -> Non
     # Destroying a patch removes only the labels the stack set; destroying a
     # Namespace deletes it: so the stack must never create default or team-b.
     assert patched == {"default", "team-b"}
-    assert created == {"team-a", "tailscale-egress"}
+    assert created == {"team-a", "tailscale-egress", "tailscale-egress-node-guard"}
 
 
 def test_system_and_other_namespaces_are_untouched() -> None:
     touched = {m["metadata"].get("namespace") or m["metadata"]["name"] for m in kube_objects(pinned())}
-    assert touched == {"default", "team-a", "team-b", "tailscale-egress"}
+    assert touched == {"default", "team-a", "team-b", "tailscale-egress", "tailscale-egress-node-guard"}
 
 
 def test_the_relay_leaves_the_tailnet_when_its_pod_stops() -> None:
