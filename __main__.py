@@ -10,7 +10,7 @@ from builders.names import StackNames
 from builders.network_policies import relay_egress
 from builders.proxy_env import PROXY_CONFIGMAP, proxy_environment
 from builders.relay import PROXY_PORTS, relay_host
-from components.admission_guard import AdmissionGuard, AdmissionGuardArgs, deployer_username
+from components.admission_guard import AdmissionGuard, AdmissionGuardArgs, guard_preflight
 from components.egress_relay import EgressRelay, EgressRelayArgs
 from components.exit_node import HetznerExitNode, HetznerExitNodeArgs
 from components.exit_node_approval import ExitNodeApproval
@@ -25,7 +25,7 @@ cfg = load_config()
 check_environment(cfg)
 current_policy = check_tailnet_policy(cfg)
 names = StackNames.for_stack(pulumi.get_project(), pulumi.get_stack())
-deployer = deployer_username(cfg.cluster) if cfg.cluster.admission_guard else None
+deployer = guard_preflight(cfg.cluster) if cfg.cluster.admission_guard else None
 given_relay_key = pulumi.Config(PROJECT).get_secret("relayAuthKey")
 
 # 2. Tailnet access: auth keys (and the policy file, when the stack manages it);

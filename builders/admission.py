@@ -192,6 +192,47 @@ def egress_allowed_expression(relay_namespace: str, relay_ports: Sequence[int]) 
     )
 
 
+# The same rule in Python, for the policies that exist before the guard does
+# (admission judges only what is written after it). The engine tests hold the
+# two to the same verdict on every case they try.
+
+
+def _py_selects_only(selector: Manifest, namespace: str) -> bool:
+    return selector.get("matchLabels") == {NAMESPACE_NAME_LABEL: namespace} and not selector.get("matchExpressions")
+
+
+def _py_ports_within(rule: Manifest, protocols: Sequence[str], numbers: Sequence[int]) -> bool:
+    ports = rule.get("ports") or []
+    return bool(ports) and all(
+        type(q.get("port")) is int
+        and "endPort" not in q
+        and q.get("protocol", "TCP") in protocols
+        and q["port"] in numbers
+        for q in ports
+    )
+
+
+def opening_egress_rules(policy: Manifest, relay_namespace: str, relay_ports: Sequence[int]) -> list[int]:
+    """Indexes of the egress rules of `policy` that reach beyond its own
+    namespace, the relay's proxy ports and DNS (see egress_allowed_expression)."""
+    own = policy["metadata"].get("namespace", "")
+
+    def peer_ok(rule: Manifest, peer: Manifest) -> bool:
+        if "ipBlock" in peer:
+            return False
+        selector = peer.get("namespaceSelector")
+        if selector is None:
+            return True
+        return (
+            _py_selects_only(selector, own)
+            or (_py_selects_only(selector, relay_namespace) and _py_ports_within(rule, ["TCP"], relay_ports))
+            or (_py_selects_only(selector, DNS_NAMESPACE) and _py_ports_within(rule, ["UDP", "TCP"], [53]))
+        )
+
+    rules = (policy.get("spec") or {}).get("egress") or []
+    return [i for i, r in enumerate(rules) if not (r.get("to") and all(peer_ok(r, p) for p in r["to"]))]
+
+
 def egress_policy(s: GuardSettings) -> Manifest:
     name = policy_names(s.prefix)[0]
     ports = ", ".join(map(str, s.relay_ports))
@@ -248,9 +289,7 @@ def stack_objects_policy(s: GuardSettings) -> Manifest:
         f" : {key} in {_cel_list([o.key for o in s.protected_objects])})"
     )
     # A namespace being deleted is emptied by the namespace controller.
-    namespace_going = (
-        "request.operation == 'DELETE' && namespaceObject != null && has(namespaceObject.metadata.deletionTimestamp)"
-    )
+    namespace_going = "request.operation == 'DELETE' && has(namespaceObject.metadata.deletionTimestamp)"
     # The garbage collector takes `foregroundDeletion` off an object that the
     # deployer deletes; the body must stay as it is.
     finalizer_update = "request.operation == 'UPDATE' && has(oldObject.metadata.deletionTimestamp) && " + " && ".join(
@@ -263,7 +302,8 @@ def stack_objects_policy(s: GuardSettings) -> Manifest:
     )
     rules = [
         _rule("", ["configmaps", "secrets", "services"], ["CREATE", "UPDATE", "DELETE"]),
-        _rule("apps", ["deployments"], ["CREATE", "UPDATE", "DELETE"]),
+        # deployments/scale too: `kubectl scale` changes the relay without touching `deployments`.
+        _rule("apps", ["deployments", "deployments/scale"], ["CREATE", "UPDATE", "DELETE"]),
         _rule("networking.k8s.io", ["networkpolicies"], ["CREATE", "UPDATE", "DELETE"]),
     ]
     return _policy(

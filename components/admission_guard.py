@@ -20,10 +20,18 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pulumi
 
-from builders.admission import DEPLOYER_PLACEHOLDER, GuardSettings, StackObject, admission_guard
+from builders.admission import (
+    DEPLOYER_PLACEHOLDER,
+    GuardSettings,
+    StackObject,
+    admission_guard,
+    opening_egress_rules,
+)
+from builders.kube import Manifest
 from builders.network_policies import protected_namespace_policy
 from builders.proxy_env import PROXY_CONFIGMAP
 from builders.relay import PROXY_PORTS, RELAY_NAME
@@ -32,7 +40,7 @@ from components.kube import apply_manifest
 from config import ClusterConfig
 from preflight import OFFLINE_ENV, PreflightError
 
-WHOAMI_TIMEOUT_SECONDS = 30
+KUBECTL_TIMEOUT_SECONDS = 30
 # The stack's default-deny policy in each protected namespace, by the name its builder gives it.
 OWN_POLICY_NAME: str = protected_namespace_policy("x", "y", PROXY_PORTS)["metadata"]["name"]
 
@@ -43,11 +51,39 @@ FIX = (
 )
 
 
-def whoami_command(cluster: ClusterConfig) -> list[str]:
-    command = ["kubectl", "auth", "whoami", "--output", "json", "--context", cluster.context]
+def _kubectl_command(cluster: ClusterConfig, *args: str) -> list[str]:
+    command = ["kubectl", *args, "--context", cluster.context]
     if cluster.kubeconfig:
         command += ["--kubeconfig", str(Path(cluster.kubeconfig).expanduser())]
     return command
+
+
+def whoami_command(cluster: ClusterConfig) -> list[str]:
+    return _kubectl_command(cluster, "auth", "whoami", "--output", "json")
+
+
+def _kubectl_json(command: list[str], where: str) -> Any:
+    """kubectl's JSON answer; PreflightError starting with `where` when there is none."""
+    shown = " ".join(command)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=KUBECTL_TIMEOUT_SECONDS, check=False)
+    except FileNotFoundError:
+        raise PreflightError(
+            f"{where} kubectl is not on PATH to ask the API server (`{shown}`, kubectl 1.28 or later):"
+            f" install kubectl, or {FIX}"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise PreflightError(f"{where} `{shown}` did not answer in {KUBECTL_TIMEOUT_SECONDS} s: {FIX}") from None
+    if done.returncode != 0:
+        why = done.stderr.strip() or done.stdout.strip()
+        raise PreflightError(
+            f"{where} `{shown}` failed: {why} (the guard needs kubectl 1.28 or later and Kubernetes 1.30 or later):"
+            f" {FIX}"
+        )
+    try:
+        return json.loads(done.stdout)
+    except ValueError:
+        raise PreflightError(f"{where} `{shown}` answered no JSON ({done.stdout.strip()[:200]!r}): {FIX}") from None
 
 
 def deployer_username(cluster: ClusterConfig) -> str:
@@ -62,30 +98,57 @@ def deployer_username(cluster: ClusterConfig) -> str:
     if os.environ.get(OFFLINE_ENV) == "1":
         return DEPLOYER_PLACEHOLDER
     command = whoami_command(cluster)
-    shown = " ".join(command)
     where = "tailscale-egress:cluster.deployer is not set, and"
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=WHOAMI_TIMEOUT_SECONDS, check=False)
-    except FileNotFoundError:
-        raise PreflightError(
-            f"{where} kubectl is not on PATH to ask the API server who deploys the stack (`{shown}`,"
-            f" kubectl 1.28 or later): install kubectl, or {FIX}"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise PreflightError(f"{where} `{shown}` did not answer in {WHOAMI_TIMEOUT_SECONDS} s: {FIX}") from None
-    if done.returncode != 0:
-        why = done.stderr.strip() or done.stdout.strip()
-        raise PreflightError(
-            f"{where} `{shown}` failed: {why} (the guard needs kubectl 1.28 or later and Kubernetes 1.30 or later):"
-            f" {FIX}"
-        )
-    try:
-        username = json.loads(done.stdout)["status"]["userInfo"]["username"]
-    except (ValueError, KeyError, TypeError):
-        username = None
+    review = _kubectl_json(command, where)
+    username = review.get("status", {}).get("userInfo", {}).get("username") if isinstance(review, dict) else None
     if not isinstance(username, str) or not username:
-        raise PreflightError(f"{where} `{shown}` named no username ({done.stdout.strip()[:200]!r}): {FIX}")
+        raise PreflightError(f"{where} `{' '.join(command)}` named no username ({review!r:.200}): {FIX}")
     return username
+
+
+def opening_policies(cluster: ClusterConfig, policies: Sequence[Manifest]) -> list[str]:
+    """One line for each of `policies` in a protected namespace (other than
+    the stack's own) whose egress reaches beyond the relay, DNS and the
+    namespace itself, naming its rules."""
+    protected = {ns.name for ns in cluster.protected_namespaces}
+    found = []
+    for policy in policies:
+        meta = policy.get("metadata") or {}
+        if meta.get("namespace") not in protected or meta.get("name") == OWN_POLICY_NAME:
+            continue
+        bad = opening_egress_rules(policy, cluster.relay_namespace, PROXY_PORTS)
+        if bad:
+            rules = policy["spec"]["egress"]
+            shown = "; ".join(f"egress[{i}] = {json.dumps(rules[i], sort_keys=True)}" for i in bad)
+            found.append(f"NetworkPolicy {meta['namespace']}/{meta['name']}: {shown}")
+    return found
+
+
+def check_existing_policies(cluster: ClusterConfig) -> None:
+    """Refuse to deploy while a protected namespace already holds a policy
+    that opens egress: admission judges only what is written from now on."""
+    if os.environ.get(OFFLINE_ENV) == "1":
+        return
+    command = _kubectl_command(cluster, "get", "networkpolicies", "--all-namespaces", "--output", "json")
+    listed = _kubectl_json(command, "tailscale-egress:cluster.admissionGuard is on, and")
+    found = opening_policies(cluster, listed.get("items") or [] if isinstance(listed, dict) else [])
+    if found:
+        raise PreflightError(
+            "cannot deploy yet: these NetworkPolicies in protected namespaces allow egress beyond the relay's"
+            " proxy ports, cluster DNS and the namespace's own pods, and would keep doing so (the admission"
+            " guard refuses such policies from now on, but cannot judge those written before it):\n  - "
+            + "\n  - ".join(found)
+            + "\nDelete them (kubectl delete networkpolicy -n <namespace> <name>) or narrow their egress,"
+            " then run again"
+        )
+
+
+def guard_preflight(cluster: ClusterConfig) -> str:
+    """Before anything is created: who deploys the stack, and no policy
+    already open in a protected namespace. Returns the deployer's username."""
+    deployer = deployer_username(cluster)
+    check_existing_policies(cluster)
+    return deployer
 
 
 @dataclass(frozen=True)

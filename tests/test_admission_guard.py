@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from builders.admission import DEPLOYER_PLACEHOLDER, cel_string, policy_names
+from builders.admission import DEPLOYER_PLACEHOLDER, cel_string, opening_egress_rules, policy_names
 from builders.names import StackNames
-from components.admission_guard import deployer_username
+from components.admission_guard import OWN_POLICY_NAME, deployer_username, opening_policies
 from config import ClusterConfig
 from preflight import OFFLINE_ENV, PreflightError
 from tests.stacks import dev, dev_config, kube_objects, pinned, pinned_config, with_config
@@ -46,6 +47,111 @@ def namespaces_selected(binding: Manifest) -> list[str]:
     (expression,) = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"]
     assert (expression["key"], expression["operator"]) == ("kubernetes.io/metadata.name", "In")
     return list(expression["values"])
+
+
+# NetworkPolicies a namespace admin (or a Helm chart) might add, written for
+# namespaces `w.protected` and `w.relay`. The engine tests apply the same
+# cases to a real API server, so the CEL rule and its Python mirror
+# (opening_egress_rules) are held to one verdict.
+
+
+@dataclass(frozen=True)
+class Where:
+    protected: str
+    relay: str
+
+
+def network_policy(name: str, namespace: str, **spec: Any) -> Manifest:
+    policy_types = spec.pop("policyTypes", [t for t in ("Ingress", "Egress") if t.lower() in spec])
+    body = {"podSelector": {}, **spec}
+    if policy_types is not None:
+        body["policyTypes"] = policy_types
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": body,
+    }
+
+
+def ns_named(name: str) -> Manifest:
+    return {"matchLabels": {"kubernetes.io/metadata.name": name}}
+
+
+def dns_rule() -> Manifest:
+    return {
+        "to": [{"namespaceSelector": ns_named("kube-system"), "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+    }
+
+
+def relay_rule(relay: str, ports: list[Manifest] | None = None) -> Manifest:
+    rule: Manifest = {"to": [{"namespaceSelector": ns_named(relay)}]}
+    rule["ports"] = (
+        ports if ports is not None else [{"protocol": "TCP", "port": 1080}, {"protocol": "TCP", "port": 3128}]
+    )
+    return rule
+
+
+# Extra policies a namespace admin (or a Helm chart) might add: each would
+# open egress around the relay.
+OPENING: dict[str, Any] = {
+    "allow-all-egress": lambda s: {"egress": [{}]},
+    "no-policy-types-allow-all": lambda s: {"egress": [{}], "policyTypes": None},
+    "ipblock-everywhere": lambda s: {"egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]},
+    "ipblock-ipv6-everywhere": lambda s: {"egress": [{"to": [{"ipBlock": {"cidr": "::/0"}}]}]},
+    "dns-by-ip": lambda s: {
+        "egress": [{"to": [{"ipBlock": {"cidr": "10.43.0.10/32"}}], "ports": [{"protocol": "UDP", "port": 53}]}]
+    },
+    "another-namespace": lambda s: {"egress": [{"to": [{"namespaceSelector": ns_named("kube-public")}]}]},
+    "every-namespace-port-53": lambda s: {
+        "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"protocol": "UDP", "port": 53}]}]
+    },
+    "kube-system-port-443": lambda s: {
+        "egress": [{"to": [{"namespaceSelector": ns_named("kube-system")}], "ports": [{"port": 443}]}]
+    },
+    "kube-system-any-port": lambda s: {"egress": [{"to": [{"namespaceSelector": ns_named("kube-system")}]}]},
+    "relay-namespace-any-port": lambda s: {"egress": [relay_rule(s.relay, [])]},
+    "relay-namespace-port-22": lambda s: {"egress": [relay_rule(s.relay, [{"port": 22}])]},
+    "relay-namespace-port-range": lambda s: {
+        "egress": [relay_rule(s.relay, [{"protocol": "TCP", "port": 1080, "endPort": 3128}])]
+    },
+    "relay-namespace-named-port": lambda s: {"egress": [relay_rule(s.relay, [{"port": "socks5"}])]},
+    "relay-namespace-udp": lambda s: {"egress": [relay_rule(s.relay, [{"protocol": "UDP", "port": 1080}])]},
+    "namespace-by-expression": lambda s: {
+        "egress": [
+            {
+                "to": [
+                    {
+                        "namespaceSelector": {
+                            "matchExpressions": [
+                                {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["x"]}
+                            ]
+                        }
+                    }
+                ]
+            }
+        ]
+    },
+    "own-pods-and-an-ipblock": lambda s: {
+        "egress": [{"to": [{"podSelector": {}}, {"ipBlock": {"cidr": "192.168.0.0/16"}}]}]
+    },
+    # Inert while policyTypes says Ingress only, and refused all the same (see builders/admission.py).
+    "ingress-typed-with-open-egress": lambda s: {"egress": [{}], "policyTypes": ["Ingress"]},
+}
+
+# What a namespace's own work needs: admitted.
+ORDINARY: dict[str, Any] = {
+    "ingress-only": lambda s: {"ingress": [{"from": [{"podSelector": {}}]}]},
+    "deny-all-ingress": lambda s: {"policyTypes": ["Ingress"]},
+    "deny-all-egress": lambda s: {"egress": []},
+    "egress-to-own-pods": lambda s: {"egress": [{"to": [{"podSelector": {"matchLabels": {"app": "db"}}}]}]},
+    "egress-to-own-namespace-by-name": lambda s: {"egress": [{"to": [{"namespaceSelector": ns_named(s.protected)}]}]},
+    "the-stacks-own-rules-again": lambda s: {
+        "egress": [relay_rule(s.relay), dns_rule(), {"to": [{"podSelector": {}}]}]
+    },
+    "one-relay-port": lambda s: {"egress": [relay_rule(s.relay, [{"port": 3128}])]},
+}
 
 
 class TestWhatIsDeployed:
@@ -186,3 +292,31 @@ class TestConfig:
     def test_the_example_stack_spells_out_both_keys_at_their_defaults(self) -> None:
         cluster = dev_config()["tailscale-egress:cluster"]
         assert (cluster["admissionGuard"], cluster["deployer"]) == (True, None)
+
+
+class TestPoliciesThatExistBeforeTheGuard:
+    """Admission judges only what is written after it: the preflight finds
+    open policies already in a protected namespace with the same rule."""
+
+    WHERE = Where(protected="team-a", relay="tailscale-egress")
+
+    @pytest.mark.parametrize("case", sorted(OPENING))
+    def test_each_opening_policy_is_found(self, case: str) -> None:
+        policy = network_policy(case, "team-a", **OPENING[case](self.WHERE))
+        assert opening_egress_rules(policy, "tailscale-egress", (1080, 3128)) != []
+
+    @pytest.mark.parametrize("case", sorted(ORDINARY))
+    def test_each_ordinary_policy_passes(self, case: str) -> None:
+        policy = network_policy(case, "team-a", **ORDINARY[case](self.WHERE))
+        assert opening_egress_rules(policy, "tailscale-egress", (1080, 3128)) == []
+
+    def test_the_preflight_names_the_namespace_the_policy_and_the_rule(self) -> None:
+        cluster = ClusterConfig(protectedNamespaces=["team-a"])  # type: ignore[call-arg]
+        chart = network_policy("chart", "team-a", egress=[{"to": [{"podSelector": {}}]}, {}])
+        assert opening_policies(cluster, [chart]) == ["NetworkPolicy team-a/chart: egress[1] = {}"]
+
+    def test_the_stacks_own_policy_and_unprotected_namespaces_are_not_its_business(self) -> None:
+        cluster = ClusterConfig(protectedNamespaces=["team-a"])  # type: ignore[call-arg]
+        own = network_policy(OWN_POLICY_NAME, "team-a", egress=[{}])
+        elsewhere = network_policy("open", "team-b", egress=[{}])
+        assert opening_policies(cluster, [own, elsewhere]) == []

@@ -1,0 +1,384 @@
+"""The admission guard on a real API server (`make cluster-api`): as a user
+who is admin of a protected namespace but did not deploy the stack, every
+way to weaken the namespace's isolation is refused by the stack's own
+policy, with its message; ordinary work still passes; the identity that
+deployed the stack can still change and delete everything, and the cluster's
+own controllers can still delete what the stack deleted.
+
+The objects applied are the stack's own render (the mock engine's), for a
+cluster-only stack with its own names, so that a run leaves nothing behind and
+never meets another stack's guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from builders.admission import policy_names
+from builders.names import StackNames
+from builders.proxy_env import PROXY_CONFIGMAP
+from builders.relay import RELAY_NAME
+from components.admission_guard import OWN_POLICY_NAME, check_existing_policies, deployer_username
+from components.egress_relay import AUTH_SECRET_NAME
+from config import ClusterConfig
+from preflight import OFFLINE_ENV, PreflightError
+from tests.stacks import RELAY_AUTH_KEY, cluster_only_config, kube_objects, with_config
+from tests.test_admission_guard import OPENING, ORDINARY, network_policy
+from tools.mockstack import PROJECT, ROOT, evaluate
+
+pytestmark = pytest.mark.engine
+
+Manifest = dict[str, Any]
+KUBECONFIG = Path(os.environ.get("TS_EGRESS_KUBECONFIG", ROOT / "build" / "engine" / "kubeconfig"))
+ADMIN, ALICE = "tailscale-egress-test", "alice"
+CACHE_BIN = Path(os.environ.get("TS_EGRESS_CACHE", Path.home() / ".cache" / "tailscale-egress")) / "bin"
+
+RBAC = "rbac.authorization.k8s.io"
+PSA = "pod-security.kubernetes.io"
+EGRESS_REFUSED = "may allow egress only to the relay"
+OBJECT_REFUSED = "belongs to tailscale-egress stack"
+LABELS_REFUSED = "must stay restricted"
+
+
+def _unavailable(why: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def _kubectl_path() -> str:
+    found = shutil.which("kubectl", path=f"{CACHE_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        _unavailable("kubectl is not installed: make engine-bins, or install kubectl 1.28 or later")
+    assert found is not None
+    return found
+
+
+def kubectl(context: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_kubectl_path(), "--kubeconfig", str(KUBECONFIG), "--context", context, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def refused(result: subprocess.CompletedProcess[str], policy: str, message: str) -> None:
+    """Refused by the stack's own policy `policy`, with its message (not by RBAC)."""
+    assert result.returncode != 0, f"admitted: {result.stdout}"
+    assert f"ValidatingAdmissionPolicy '{policy}' with binding '{policy}' denied request" in result.stderr, (
+        result.stderr
+    )
+    assert message in result.stderr, result.stderr
+
+
+def as_yaml(*objects: Manifest) -> str:
+    return yaml.safe_dump_all(objects, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class Stack:
+    prefix: str
+    deployer: str
+    protected: str  # the protected namespace, created by the stack
+    relay: str  # the relay's namespace
+    objects: list[Manifest]  # what was applied
+
+    @property
+    def egress_policy(self) -> str:
+        return policy_names(self.prefix)[0]
+
+    @property
+    def objects_policy(self) -> str:
+        return policy_names(self.prefix)[1]
+
+    @property
+    def labels_policy(self) -> str:
+        return policy_names(self.prefix)[2]
+
+
+def _guard_is_in_force(stack: Stack) -> bool:
+    probe = network_policy("probe", stack.protected, egress=[{}])
+    result = kubectl(ALICE, "create", "--dry-run=server", "-f", "-", stdin=as_yaml(probe))
+    return result.returncode != 0 and stack.egress_policy in result.stderr
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    if not KUBECONFIG.is_file() or kubectl(ADMIN, "get", "--raw", "/readyz").returncode != 0:
+        _unavailable(f"no API server at {KUBECONFIG} (context {ADMIN}): run make cluster-api first")
+    run = secrets.token_hex(3)
+    name = f"guard-{run}"
+    protected, relay = f"guard-app-{run}", f"guard-relay-{run}"
+    deployer = json.loads(ok(kubectl(ADMIN, "auth", "whoami", "-o", "json")))["status"]["userInfo"]["username"]
+    config = with_config(
+        cluster_only_config(relay), "cluster", protectedNamespaces=[{"name": protected, "create": True}]
+    )
+    config = with_config(config, "cluster", deployer=deployer)
+    evaluation = evaluate(config, name, secret_keys=(RELAY_AUTH_KEY,))
+    assert evaluation.error is None, evaluation.error
+    ours = {protected, relay}
+    objects = [
+        o
+        for o in kube_objects(evaluation)
+        if o["metadata"].get("namespace") in ours
+        or (o["kind"] == "Namespace" and o["metadata"]["name"] in ours)
+        or o["kind"].startswith("ValidatingAdmissionPolicy")
+    ]
+    s = Stack(StackNames.for_stack(PROJECT, name).prefix, deployer, protected, relay, objects)
+    namespaces = [o for o in objects if o["kind"] == "Namespace"]
+    rest = [o for o in objects if o["kind"] != "Namespace"]
+    ok(kubectl(ADMIN, "apply", "--server-side", "--field-manager=engine-test", "-f", "-", stdin=as_yaml(*namespaces)))
+    ok(kubectl(ADMIN, "apply", "--server-side", "--field-manager=engine-test", "-f", "-", stdin=as_yaml(*rest)))
+    # alice: admin of both namespaces (ClusterRole admin via RoleBinding), and
+    # allowed to label namespaces, so that only the guard can stop her.
+    rbac = [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "alice-admin", "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
+        }
+        for ns in (protected, relay)
+    ] + [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": f"{name}-namespace-labeller"},
+            "rules": [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "patch", "update"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": f"{name}-namespace-labeller"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": f"{name}-namespace-labeller",
+            },
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
+        },
+    ]
+    ok(kubectl(ADMIN, "apply", "-f", "-", stdin=as_yaml(*rbac)))
+    deadline = time.monotonic() + 30
+    while not _guard_is_in_force(s):
+        assert time.monotonic() < deadline, "the guard did not come into force within 30 s"
+        time.sleep(0.5)
+    yield s
+    kubectl(ADMIN, "delete", "namespace", protected, relay, "--ignore-not-found", "--wait=false")
+    for o in objects:
+        if o["kind"].startswith("ValidatingAdmissionPolicy"):
+            kubectl(ADMIN, "delete", o["kind"], o["metadata"]["name"], "--ignore-not-found")
+    kubectl(ADMIN, "delete", "clusterrolebinding,clusterrole", f"{name}-namespace-labeller", "--ignore-not-found")
+
+
+class TestExtraNetworkPolicies:
+    @pytest.mark.parametrize("case", sorted(OPENING))
+    def test_a_policy_that_opens_egress_is_refused(self, stack: Stack, case: str) -> None:
+        policy = network_policy(case, stack.protected, **OPENING[case](stack))
+        refused(kubectl(ALICE, "create", "-f", "-", stdin=as_yaml(policy)), stack.egress_policy, EGRESS_REFUSED)
+
+    @pytest.mark.parametrize("case", sorted(ORDINARY))
+    def test_an_ordinary_policy_is_admitted(self, stack: Stack, case: str) -> None:
+        policy = network_policy(case, stack.protected, **ORDINARY[case](stack))
+        ok(kubectl(ALICE, "create", "-f", "-", stdin=as_yaml(policy)))
+        ok(kubectl(ALICE, "delete", "networkpolicy", case, "-n", stack.protected))
+
+    def test_opening_an_admitted_policy_later_is_refused(self, stack: Stack) -> None:
+        policy = network_policy("later", stack.protected, **ORDINARY["egress-to-own-pods"](stack))
+        ok(kubectl(ALICE, "create", "-f", "-", stdin=as_yaml(policy)))
+        patch = json.dumps({"spec": {"egress": [{}]}})
+        refused(
+            kubectl(ALICE, "patch", "networkpolicy", "later", "-n", stack.protected, "--type=merge", "-p", patch),
+            stack.egress_policy,
+            EGRESS_REFUSED,
+        )
+
+    def test_the_deployer_cannot_add_an_open_policy_either(self, stack: Stack) -> None:
+        # A Helm chart installed with the deployer's own credentials is the common case.
+        policy = network_policy("chart", stack.protected, egress=[{}])
+        refused(kubectl(ADMIN, "create", "-f", "-", stdin=as_yaml(policy)), stack.egress_policy, EGRESS_REFUSED)
+
+    def test_the_message_names_the_policy_and_the_way_out(self, stack: Stack) -> None:
+        policy = network_policy("helm-chart-default", stack.protected, egress=[{}])
+        result = kubectl(ALICE, "create", "-f", "-", stdin=as_yaml(policy))
+        assert f"NetworkPolicy {stack.protected}/helm-chart-default:" in result.stderr
+        assert f"envFrom: configMapRef {PROXY_CONFIGMAP}" in result.stderr
+
+
+class TestTheStacksObjects:
+    @pytest.mark.parametrize(
+        "args",
+        [
+            pytest.param(("delete", "networkpolicy", OWN_POLICY_NAME), id="delete-the-policy"),
+            pytest.param(("label", "networkpolicy", OWN_POLICY_NAME, "x=y"), id="change-the-policy"),
+            pytest.param(("delete", "configmap", PROXY_CONFIGMAP), id="delete-the-proxy-settings"),
+            pytest.param(("label", "configmap", PROXY_CONFIGMAP, "x=y"), id="change-the-proxy-settings"),
+        ],
+    )
+    def test_in_a_protected_namespace_they_are_refused_to_its_admin(self, stack: Stack, args: tuple[str, ...]) -> None:
+        refused(kubectl(ALICE, *args, "-n", stack.protected), stack.objects_policy, OBJECT_REFUSED)
+
+    def test_replacing_the_policy_with_an_open_one_is_refused(self, stack: Stack) -> None:
+        patch = json.dumps({"spec": {"egress": [{}]}})
+        result = kubectl(
+            ALICE, "patch", "networkpolicy", OWN_POLICY_NAME, "-n", stack.protected, "--type=merge", "-p", patch
+        )
+        assert result.returncode != 0 and OBJECT_REFUSED in result.stderr, result.stderr
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            pytest.param(("delete", "networkpolicy", "relay-egress"), id="delete-the-relay-egress-policy"),
+            pytest.param(("delete", "networkpolicy", "default-deny"), id="delete-the-default-deny"),
+            pytest.param(("label", "secret", AUTH_SECRET_NAME, "x=y"), id="change-the-auth-secret"),
+            pytest.param(("delete", "secret", AUTH_SECRET_NAME), id="delete-the-auth-secret"),
+            pytest.param(("scale", "deployment", RELAY_NAME, "--replicas=0"), id="scale-the-relay"),
+            pytest.param(("label", "deployment", RELAY_NAME, "x=y"), id="change-the-relay"),
+            pytest.param(("delete", "deployment", RELAY_NAME), id="delete-the-relay"),
+            pytest.param(("delete", "service", RELAY_NAME), id="delete-the-service"),
+        ],
+    )
+    def test_in_the_relay_namespace_they_are_refused_to_its_admin(self, stack: Stack, args: tuple[str, ...]) -> None:
+        refused(kubectl(ALICE, *args, "-n", stack.relay), stack.objects_policy, OBJECT_REFUSED)
+
+    def test_no_new_policy_may_select_the_relay(self, stack: Stack) -> None:
+        policy = network_policy("relay-allow-all", stack.relay, egress=[{}])
+        refused(kubectl(ALICE, "create", "-f", "-", stdin=as_yaml(policy)), stack.objects_policy, OBJECT_REFUSED)
+
+    def test_the_apps_own_configmaps_are_its_own(self, stack: Stack) -> None:
+        ok(kubectl(ALICE, "create", "configmap", "app-settings", "-n", stack.protected, "--from-literal=a=b"))
+        ok(kubectl(ALICE, "label", "configmap", "app-settings", "-n", stack.protected, "x=y"))
+        ok(kubectl(ALICE, "delete", "configmap", "app-settings", "-n", stack.protected))
+
+
+class TestPodSecurityLabels:
+    @pytest.mark.parametrize(
+        "label",
+        [
+            f"{PSA}/enforce=privileged",
+            f"{PSA}/enforce=baseline",
+            f"{PSA}/enforce-",
+            f"{PSA}/warn=baseline",
+            f"{PSA}/audit-",
+            f"{PSA}/enforce-version=v1.24",
+            f"{PSA}/enforce-version=v1.29",
+            f"{PSA}/warn-version=v1.2",
+        ],
+    )
+    @pytest.mark.parametrize("which", ["protected", "relay"])
+    def test_weakening_is_refused(self, stack: Stack, label: str, which: str) -> None:
+        namespace = stack.protected if which == "protected" else stack.relay
+        refused(
+            kubectl(ALICE, "label", "namespace", namespace, label, "--overwrite"), stack.labels_policy, LABELS_REFUSED
+        )
+
+    def test_other_labels_and_a_recent_pinned_version_pass(self, stack: Stack) -> None:
+        ok(kubectl(ALICE, "label", "namespace", stack.protected, "team=a"))
+        ok(
+            kubectl(
+                ALICE,
+                "label",
+                "namespace",
+                stack.protected,
+                f"{PSA}/audit-version=v1.35",
+                "--overwrite",
+            )
+        )
+        ok(
+            kubectl(
+                ADMIN,
+                "label",
+                "namespace",
+                stack.protected,
+                "team-",
+                f"{PSA}/audit-version=latest",
+                "--overwrite",
+            )
+        )
+
+
+class TestPoliciesWrittenBeforeTheGuard:
+    def test_the_preflight_finds_an_open_policy_in_a_namespace_about_to_be_protected(
+        self, stack: Stack, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        namespace = f"{stack.protected}-next"  # not guarded yet
+        ok(kubectl(ADMIN, "create", "namespace", namespace))
+        try:
+            ok(kubectl(ADMIN, "create", "-f", "-", stdin=as_yaml(network_policy("chart", namespace, egress=[{}]))))
+            monkeypatch.setenv(OFFLINE_ENV, "0")
+            monkeypatch.setenv("PATH", f"{Path(_kubectl_path()).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+            cluster = ClusterConfig(
+                context=ADMIN,
+                kubeconfig=str(KUBECONFIG),
+                protected_namespaces=[{"name": namespace}],
+                relay_namespace=stack.relay,
+            )
+            with pytest.raises(PreflightError) as err:
+                check_existing_policies(cluster)
+            assert f"NetworkPolicy {namespace}/chart: egress[0] = {{}}" in str(err.value)
+        finally:
+            kubectl(ADMIN, "delete", "namespace", namespace, "--wait=false")
+
+
+class TestTheDeployer:
+    def test_is_the_user_the_api_server_names_for_the_kubeconfig(
+        self, stack: Stack, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv(OFFLINE_ENV, "0")
+        monkeypatch.setenv("PATH", f"{Path(_kubectl_path()).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        assert deployer_username(ClusterConfig(context=ADMIN, kubeconfig=str(KUBECONFIG))) == stack.deployer
+        assert deployer_username(ClusterConfig(context=ALICE, kubeconfig=str(KUBECONFIG))) == "alice"
+
+    def test_changes_the_stacks_objects_and_labels(self, stack: Stack) -> None:
+        ok(kubectl(ADMIN, "label", "networkpolicy", OWN_POLICY_NAME, "-n", stack.protected, "x=y"))
+        ok(kubectl(ADMIN, "label", "networkpolicy", OWN_POLICY_NAME, "-n", stack.protected, "x-"))
+        ok(kubectl(ADMIN, "label", "namespace", stack.protected, f"{PSA}/warn=baseline", "--overwrite"))
+        ok(
+            kubectl(
+                ADMIN,
+                "label",
+                "namespace",
+                stack.protected,
+                f"{PSA}/warn=restricted",
+                "--overwrite",
+            )
+        )
+        ok(kubectl(ADMIN, "label", "secret", AUTH_SECRET_NAME, "-n", stack.relay, "x=y"))
+
+    def test_deletes_the_stacks_objects_as_destroy_does(self, stack: Stack) -> None:
+        ok(kubectl(ADMIN, "delete", "configmap", PROXY_CONFIGMAP, "-n", stack.protected))
+        # Deleted in the foreground, as Pulumi deletes: the garbage collector
+        # then takes its finalizer off under the guard.
+        ok(
+            kubectl(
+                ADMIN, "delete", "deployment", RELAY_NAME, "-n", stack.relay, "--cascade=foreground", "--timeout=90s"
+            )
+        )
+        assert kubectl(ADMIN, "get", "deployment", RELAY_NAME, "-n", stack.relay).returncode != 0
+        ok(kubectl(ADMIN, "delete", "networkpolicy", "relay-egress", "-n", stack.relay))
+
+    def test_deletes_a_protected_namespace_with_the_stacks_objects_still_in_it(self, stack: Stack) -> None:
+        # The namespace controller empties it: the guard must let it.
+        assert kubectl(ADMIN, "get", "networkpolicy", OWN_POLICY_NAME, "-n", stack.protected).returncode == 0
+        ok(kubectl(ADMIN, "delete", "namespace", stack.protected, stack.relay, "--timeout=120s"))
