@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Go as the machine images install it, in case it is not on PATH already.
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: help venv tools test lint datapath-bins test-datapath test-all render preview up destroy bench bench-datapath clean
+.PHONY: help venv tools test lint datapath-bins test-datapath test-all render preview up destroy bench bench-datapath clean policy-venv lint-bins
 
 help:
 	@sed -n '1,5p' Makefile
@@ -70,6 +70,22 @@ bench-datapath: venv datapath-bins
 	bash scripts/install-test-tools.sh --datapath
 	$(PY) tools/bench_datapath.py
 
+# The policy pack's own virtualenv (PulumiPolicy.yaml: virtualenv venv), which
+# the engine runs the pack in.
+POLICY_VENV := policy/venv
+POLICY_STAMP := $(POLICY_VENV)/.installed
+$(POLICY_STAMP): policy/requirements.txt
+	$(PYTHON) -m venv $(POLICY_VENV)
+	$(POLICY_VENV)/bin/pip install --quiet -r policy/requirements.txt
+	touch $@
+
+policy-venv: $(POLICY_STAMP) ## the policy pack's virtualenv (policy/venv)
+
+# actionlint, which tests/test_workflow.py runs on .github/workflows, built
+# from the Go module proxy into the cache (seconds; then reused).
+lint-bins: ## build actionlint (the workflow linter) into the cache
+	bash scripts/build-lint-bins.sh
+
 # Deploying needs the Pulumi CLI (https://www.pulumi.com/docs/install/) and the
 # credentials the README lists; the program checks them before creating anything.
 define pulumi_stack
@@ -77,9 +93,9 @@ define pulumi_stack
 	pulumi stack select --create $(STACK)
 endef
 
-preview: venv
+preview: venv policy-venv
 	$(pulumi_stack)
-	pulumi preview --diff
+	pulumi preview --diff --policy-pack policy
 
 up: venv
 	$(pulumi_stack)

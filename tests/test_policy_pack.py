@@ -19,10 +19,17 @@ for what the program never builds (another workload, a key in an output).
 from __future__ import annotations
 
 import copy
+import select
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from google.protobuf import empty_pb2, json_format, struct_pb2
+from pulumi.runtime.proto import analyzer_pb2, analyzer_pb2_grpc
 from pulumi_policy.proxy import UNKNOWN_OBJECT_VALUE
 
 from builders.network_policies import Destination, RelayEgress, network_policy, relay_egress_policy
@@ -466,3 +473,46 @@ def test_an_unknown_relay_spec_is_reported_as_unknown_not_as_a_violation_and_the
     # The stack policies still see everything else.
     weakened = stack.without(POLICY, "relay-default-deny")
     assert_fails(weakened, "guarded-namespaces-isolated", "'tailscale-egress' has no")
+
+
+# --- the pack as the engine starts it ---
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["-u", "-m", "pulumi.policy", "127.0.0.1:1", "."], ["-u", "."]],
+    ids=["analyzer-shim", "language-host"],
+)
+def test_the_pack_process_serves_every_policy_and_fails_a_weak_key_over_grpc(command: list[str]) -> None:
+    # How pulumi-analyzer-policy-python (`python -m pulumi.policy <engine> .`)
+    # and the Python language host (`python <pack dir>`) start the pack, in its folder.
+    pack = subprocess.Popen(
+        [sys.executable, *command], cwd=guardrails_dir(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert pack.stdout is not None
+        ready, _, _ = select.select([pack.stdout], [], [], 30)
+        assert ready, "the pack printed no port within 30 s"
+        port = int(pack.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = analyzer_pb2_grpc.AnalyzerStub(channel)
+            info = stub.GetAnalyzerInfo(empty_pb2.Empty())
+            assert info.name == guardrails.PACK_NAME
+            assert {p.name for p in info.policies} == {p.name for p in guardrails.policies()}
+            assert {p.enforcementLevel for p in info.policies} == {analyzer_pb2.MANDATORY}
+            key = stack_of(dev()).edit(KEY, "tailnet-exit-node-key", lambda p: p.update(reusable=True))
+            res = key.find(KEY, "tailnet-exit-node-key")
+            props = json_format.ParseDict(res.props, struct_pb2.Struct())
+            reply = stub.Analyze(
+                analyzer_pb2.AnalyzeRequest(urn=res.urn, type=res.type, name=res.name, properties=props)
+            )
+            (diagnostic,) = reply.diagnostics
+            assert diagnostic.policyName == "auth-keys-locked-down" and "must be single-use" in diagnostic.message
+            assert diagnostic.enforcementLevel == analyzer_pb2.MANDATORY
+    finally:
+        pack.terminate()
+        pack.wait(timeout=10)
+
+
+def guardrails_dir() -> str:
+    return str(Path(guardrails.__file__).parent)

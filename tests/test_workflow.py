@@ -1,0 +1,284 @@
+"""The pull-request workflow (.github/workflows/preview.yml): linted with
+actionlint, pinned, least-privilege, and its own logic (tools/render_diff.py,
+tools/policy_check.py) run against recorded renders and real ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.stacks import dev_config, repo_path, with_config
+from tests.support.tools import executable
+from tools import policy_check, render_diff
+from tools.mockstack import evaluate
+from tools.render import write_render
+
+WORKFLOWS = repo_path(".github", "workflows")
+PREVIEW = WORKFLOWS / "preview.yml"
+RECORDED = repo_path("tests", "support", "render-diff")
+CACHE_BIN = Path(os.environ.get("TS_EGRESS_CACHE", Path.home() / ".cache" / "tailscale-egress")) / "bin"
+
+
+def workflow() -> dict[str, Any]:
+    raw: dict[Any, Any] = yaml.safe_load(PREVIEW.read_text())
+    # PyYAML reads the `on:` key as True (YAML 1.1).
+    raw["on"] = raw.pop(True, raw.get("on"))
+    return raw
+
+
+def steps(job: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = workflow()["jobs"][job]["steps"]
+    return found
+
+
+def pulumi_step() -> dict[str, Any]:
+    (step,) = [s for s in steps("preview") if str(s.get("uses", "")).startswith("pulumi/actions@")]
+    return step
+
+
+# --- actionlint ---
+
+
+def actionlint() -> Path:
+    return executable("actionlint", "make lint-bins", CACHE_BIN / "actionlint")
+
+
+def test_every_workflow_passes_actionlint() -> None:
+    files = sorted(WORKFLOWS.glob("*.y*ml"))
+    assert PREVIEW in files
+    result = subprocess.run([actionlint(), *files], capture_output=True, text=True, cwd=repo_path())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path: Path) -> None:
+    # The lint is real: the same workflow with a typo in an expression and an unknown permission fails.
+    broken = PREVIEW.read_text().replace("needs.stacks.outputs.list", "needs.stack.outputs.list", 1)
+    broken = broken.replace("pull-requests: write", "pull-request: write", 1)
+    target = tmp_path / ".github" / "workflows" / "preview.yml"
+    target.parent.mkdir(parents=True)
+    target.write_text(broken)
+    result = subprocess.run([actionlint(), str(target)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "needs.stack" in result.stdout and "pull-request" in result.stdout
+
+
+# --- what the workflow does ---
+
+
+def test_it_previews_every_pull_request_with_diff_policy_pack_and_a_comment() -> None:
+    assert set(workflow()["on"]) == {"pull_request"}
+    step = pulumi_step()
+    assert step["with"]["command"] == "preview"
+    assert step["with"]["diff"] is True
+    assert step["with"]["comment-on-pr"] is True
+    assert step["with"]["policyPacks"] == "policy"
+    assert repo_path("policy", "PulumiPolicy.yaml").is_file()
+
+
+def test_the_backend_and_credentials_come_from_repository_secrets_and_only_the_preview_step_sees_them() -> None:
+    step = pulumi_step()
+    assert step["with"]["cloud-url"] == "${{ secrets.PULUMI_BACKEND_URL }}"
+    env = step["env"]
+    for name in ("PULUMI_ACCESS_TOKEN", "PULUMI_CONFIG_PASSPHRASE", "HCLOUD_TOKEN", "TAILSCALE_API_KEY"):
+        assert env[name] == "${{ secrets." + name + " }}"
+    # No other step, job or workflow-level env carries a secret.
+    text = PREVIEW.read_text()
+    assert text.count("secrets.") == sum(str(v).count("secrets.") for v in [*env.values(), *step["with"].values()])
+
+
+def test_permissions_are_least_privilege() -> None:
+    doc = workflow()
+    assert doc["permissions"] == {}
+    allowed = {"contents": "read", "pull-requests": "write"}
+    for name, job in doc["jobs"].items():
+        granted = job.get("permissions")
+        assert isinstance(granted, dict), f"job {name} inherits permissions"
+        assert granted.items() <= allowed.items(), f"job {name}: {granted}"
+    # Checkout never leaves the token in .git/config for later steps.
+    for name, job in doc["jobs"].items():
+        for step in job["steps"]:
+            if str(step.get("uses", "")).startswith("actions/checkout@"):
+                assert step["with"]["persist-credentials"] is False, name
+
+
+def test_every_action_is_pinned_by_commit_with_its_version_named() -> None:
+    uses = re.findall(r"^\s*-?\s*uses:\s*(\S+)(.*)$", PREVIEW.read_text(), flags=re.MULTILINE)
+    assert {u.split("@")[0] for u, _ in uses} == {"actions/checkout", "actions/setup-python", "pulumi/actions"}
+    for action, comment in uses:
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", action), action
+        assert re.fullmatch(r"\s*# v\d+\.\d+\.\d+", comment), f"{action}: {comment!r}"
+    pulumi = next(c for u, c in uses if u.startswith("pulumi/actions@"))
+    assert pulumi.strip().startswith("# v7.")
+
+
+def test_the_kubernetes_part_is_excluded_from_the_preview_and_shown_by_the_render_job() -> None:
+    step = pulumi_step()
+    assert step["with"]["exclude-dependents"] is True
+    assert step["with"]["exclude"] == "${{ steps.exclude.outputs.urn }}"
+    (urn_step,) = [s for s in steps("preview") if s.get("id") == "exclude"]
+    assert "::tailscale-egress::pulumi:providers:kubernetes::cluster" in urn_step["run"]
+    runs = "\n".join(str(s.get("run", "")) for s in steps("render"))
+    assert "tools/render_diff.py --base HEAD^1" in runs
+    assert "tools/policy_check.py" in runs
+    assert "GITHUB_STEP_SUMMARY" in runs
+
+
+def test_the_stacks_are_listed_in_one_place_and_each_has_its_stack_file() -> None:
+    doc = workflow()
+    for job in ("render", "preview"):
+        assert doc["jobs"][job]["strategy"]["matrix"]["stack"] == "${{ fromJSON(needs.stacks.outputs.list) }}"
+    stacks = render_diff.read_stacks(render_diff.STACKS_FILE)
+    for stack in stacks:
+        assert repo_path(render_diff.stack_file_name(stack)).is_file(), stack
+
+
+def test_the_make_targets_and_scripts_the_workflow_runs_exist() -> None:
+    makefile = repo_path("Makefile").read_text()
+    runs = "\n".join(str(s.get("run", "")) for job in workflow()["jobs"].values() for s in job["steps"])
+    for target in re.findall(r"\bmake ([\w -]+)", runs):
+        for name in target.split():
+            assert re.search(rf"^{re.escape(name)}:", makefile, flags=re.MULTILINE), f"make {name}"
+    for script in re.findall(r"tools/\w+\.py", runs):
+        assert repo_path(script).is_file(), script
+
+
+# --- tools/render_diff.py on recorded renders ---
+
+
+def test_the_recorded_change_shows_each_added_and_changed_object_with_its_diff() -> None:
+    base, head = render_diff.read_render(RECORDED / "base"), render_diff.read_render(RECORDED / "head")
+    text = render_diff.stack_markdown("dev", base, head, base_label="base `aaaa`", head_label="head `bbbb`")
+    assert text.startswith("### `dev`: rendered objects, base `aaaa` → head `bbbb`")
+    assert "Kubernetes objects: 3 added, 2 changed, 0 removed (of 8 at head)." in text
+    rows = re.findall(r"^\| `([^`]+)` \| (\w+) \|$", text, flags=re.MULTILINE)
+    assert rows == [
+        ("manifests/configmap-team-a-tailscale-egress-proxy.yaml", "added"),
+        ("manifests/deployment-tailscale-egress-relay.yaml", "changed"),
+        ("manifests/namespace-_cluster-team-a.yaml", "added"),
+        ("manifests/networkpolicy-tailscale-egress-relay-ingress.yaml", "changed"),
+        ("manifests/networkpolicy-team-a-tailscale-egress-only-via-relay.yaml", "added"),
+        ("outputs.json", "changed"),
+    ]
+    assert (
+        "-        image: ghcr.io/tailscale/tailscale:v1.102.5\n+        image: ghcr.io/tailscale/tailscale:v1.104.0"
+        in text
+    )
+    assert "+  name: team-a" in text
+    # Unchanged objects are not repeated.
+    assert "configmap-default-tailscale-egress-proxy.yaml" not in text
+    assert text.count("```diff") == text.count("</details>") == 6
+
+
+def test_a_removed_object_and_a_stack_new_in_the_pull_request(tmp_path: Path) -> None:
+    head = render_diff.read_render(RECORDED / "head")
+    fewer = {k: v for k, v in head.items() if "team-a" not in k}
+    removed = render_diff.stack_markdown("dev", head, fewer, base_label="b", head_label="h")
+    assert "0 added, 0 changed, 3 removed (of 5 at head)" in removed
+    assert "+++ /dev/null" in removed
+    new = render_diff.stack_markdown("dev", None, head, base_label="b", head_label="h")
+    assert "The base has no render of this stack" in new and "8 added" in new
+
+
+def test_the_same_render_twice_is_no_change() -> None:
+    head = render_diff.read_render(RECORDED / "head")
+    text = render_diff.stack_markdown("dev", head, dict(head), base_label="b", head_label="h")
+    assert "No change: every object (8 manifests)" in text
+
+
+def test_the_comment_fits_github_and_never_leaves_a_code_fence_open() -> None:
+    base, head = render_diff.read_render(RECORDED / "base"), render_diff.read_render(RECORDED / "head")
+    section = render_diff.stack_markdown("dev", base, head, base_label="b", head_label="h")
+    whole = render_diff.comment([section])
+    assert whole.startswith(render_diff.MARKER) and section in whole
+    for limit in (2000, 2500, 3000, 4000):
+        cut = render_diff.comment([section], limit=limit)
+        assert len(cut) <= limit + 8 and "cut to fit: the whole diff is in" in cut
+        assert len(re.findall(r"^`{3,}", cut, flags=re.MULTILINE)) % 2 == 0, limit
+
+
+def test_a_diff_holding_backticks_gets_a_longer_fence() -> None:
+    text = render_diff.stack_markdown(
+        "dev", {"outputs.json": "a\n"}, {"outputs.json": "```\n"}, base_label="b", head_label="h"
+    )
+    assert "````diff" in text and "\n````\n" in text
+
+
+# --- tools/render_diff.py on real renders of two configs ---
+
+
+def render(config: dict[str, Any], out: Path) -> render_diff.Render:
+    evaluation = evaluate(config, "dev")
+    assert evaluation.error is None, evaluation.error
+    write_render(evaluation, out)
+    return render_diff.read_render(out)
+
+
+def test_two_configs_rendered_for_real_differ_by_exactly_the_new_namespace(tmp_path: Path) -> None:
+    base = render(dev_config(), tmp_path / "base")
+    again = render(dev_config(), tmp_path / "again")
+    assert render_diff.changes(base, again) == []
+    config = with_config(dev_config(), "cluster", protectedNamespaces=["default", {"name": "team-b", "create": True}])
+    head = render(config, tmp_path / "head")
+    found = {c.path: c.status for c in render_diff.changes(base, head) if c.path.startswith("manifests/")}
+    added = {p for p, s in found.items() if s == "added"}
+    assert added and all("team-b" in p for p in added), found
+    assert any("networkpolicy-team-b" in p for p in added) and any("configmap-team-b" in p for p in added)
+
+
+def test_base_and_head_of_this_repository_render_and_compare(tmp_path: Path) -> None:
+    # What the workflow runs: the base from `git archive`, the head from the work tree.
+    if not repo_path(".git").exists():
+        pytest.skip("not a git checkout")
+    assert render_diff.run_diff("HEAD", ["dev"], tmp_path) == 0
+    text = (tmp_path / "comment.md").read_text()
+    assert text.startswith(render_diff.MARKER)
+    assert "### `dev`: rendered objects, base `" in text
+    section = (tmp_path / "dev.md").read_text()
+    assert section[:300] in text
+    # The job summary holds it whole; the comment is cut only when it must be.
+    assert section in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ("# nothing\n\n", "lists no stack"),
+        ("dev\nbad name\n", ":2: 'bad name' is not a stack name"),
+        ("dev\ndev # again\n", ":2: 'dev' is listed twice"),
+    ],
+)
+def test_a_bad_stacks_file_is_refused_naming_the_line(tmp_path: Path, content: str, error: str) -> None:
+    path = tmp_path / "preview-stacks"
+    path.write_text(content)
+    with pytest.raises(render_diff.UsageError, match=re.escape(error)):
+        render_diff.read_stacks(path)
+    assert render_diff.main(["--list-stacks", "--stacks-file", str(path)]) == 2
+
+
+def test_the_stacks_list_is_json_for_the_matrix(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "preview-stacks"
+    path.write_text("dev  # the example\nacme/tailscale-egress/alice\n")
+    assert render_diff.main(["--list-stacks", "--stacks-file", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out) == ["dev", "acme/tailscale-egress/alice"]
+    assert render_diff.stack_file_name("acme/tailscale-egress/alice") == "Pulumi.alice.yaml"
+
+
+# --- tools/policy_check.py, the pack over each rendered stack ---
+
+
+def test_policy_check_passes_the_dev_stack_and_refuses_a_bad_stack_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert policy_check.main(["dev"]) == 0
+    assert "0 mandatory violation(s)" in capsys.readouterr().out
+    bad = tmp_path / "Pulumi.bad.yaml"
+    bad.write_text(yaml.safe_dump({"config": {"tailscale-egress:cluster": {"relayReplicas": 0}}}))
+    assert policy_check.main(["bad", "--config-file", str(bad)]) == 2
+    assert "relayReplicas" in capsys.readouterr().err
