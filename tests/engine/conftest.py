@@ -1,0 +1,43 @@
+"""Session fixtures of the engine suite: one real API server and one real
+Pulumi engine (CLI, file backend, Kubernetes provider plugin) for the run.
+
+Under CI=true a missing binary fails the run; elsewhere the suite is skipped
+with the command that builds what is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import apiserver
+from tests.support.engine import Engine, missing_engine_binaries
+
+STATE = Path(__file__).resolve().parents[2] / "build" / "engine"
+
+
+def _missing() -> list[str]:
+    return sorted(set(apiserver.missing_binaries()) | set(missing_engine_binaries()))
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[apiserver.Cluster]:
+    missing = _missing()
+    if missing:
+        message = f"not built: {', '.join(missing)}; run `make engine-bins`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    with apiserver.running(STATE, fresh=True) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def engine(cluster: apiserver.Cluster) -> Iterator[Engine]:
+    state = STATE / "pulumi"
+    shutil.rmtree(state / "backend", ignore_errors=True)
+    shutil.rmtree(state / "project", ignore_errors=True)
+    yield Engine(state).setup()

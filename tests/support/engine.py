@@ -1,0 +1,163 @@
+"""The real Pulumi engine for the tests (issue 7).
+
+What runs for real: the Pulumi CLI (engine, local file backend, passphrase
+secrets provider), the Kubernetes provider plugin and the API server of
+`tests/support/apiserver.py`, all built by `make engine-bins`. What does not:
+the Python language host (`pulumi-language-python` is not served by the Go
+module proxy), so the program runs as an Automation API inline program: the
+SDK serves the language runtime in this process and runs the project's
+`__main__.py` unchanged, with the stack's config from its stack file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pulumi import automation as auto
+
+from tests.support.apiserver import bin_dir, cache_dir
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = "tailscale-egress"
+PASSPHRASE = "engine-tests-only"
+# The provider release the engine runs; requirements.txt pins the SDK to it.
+KUBERNETES_PROVIDER_VERSION = "4.25.0"
+ENGINE_BINARIES = ("pulumi", "pulumi-resource-kubernetes")
+
+
+def missing_engine_binaries() -> list[str]:
+    return [name for name in ENGINE_BINARIES if not (bin_dir() / name).exists()]
+
+
+def run_project_program() -> None:
+    """The inline program: the project's own __main__.py, as `pulumi up` runs it."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    runpy.run_path(str(REPO / "__main__.py"), run_name="__main__")
+
+
+@dataclass
+class Engine:
+    """One Pulumi home (plugins), one file backend, one project directory."""
+
+    state_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def home(self) -> Path:
+        return self.state_dir / "pulumi-home"
+
+    @property
+    def backend(self) -> Path:
+        return self.state_dir / "backend"
+
+    @property
+    def workdir(self) -> Path:
+        return self.state_dir / "project"
+
+    def setup(self) -> Engine:
+        missing = missing_engine_binaries()
+        if missing:
+            raise RuntimeError(f"not built: {', '.join(missing)} (in {bin_dir()}); build them with `make engine-bins`")
+        for directory in (self.home, self.backend, self.workdir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            "PULUMI_HOME": str(self.home),
+            "PULUMI_BACKEND_URL": f"file://{self.backend}",
+            "PULUMI_CONFIG_PASSPHRASE": PASSPHRASE,
+            "PULUMI_SKIP_UPDATE_CHECK": "true",
+            "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
+            # Only the plugin installed below, never one that happens to be on PATH.
+            "PULUMI_IGNORE_AMBIENT_PLUGINS": "true",
+        }
+        plugin_dir = self.home / "plugins" / f"resource-kubernetes-v{KUBERNETES_PROVIDER_VERSION}"
+        if not (plugin_dir / "pulumi-resource-kubernetes").exists():
+            self.cli(
+                "plugin", "install", "resource", "kubernetes", KUBERNETES_PROVIDER_VERSION,
+                "--file", str(bin_dir() / "pulumi-resource-kubernetes"),
+            )  # fmt: skip
+        return self
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The Pulumi CLI itself, for what the Automation API does not cover."""
+        env = {**os.environ, **self.env}
+        return subprocess.run(
+            [str(bin_dir() / "pulumi"), *args, "--non-interactive"],
+            cwd=self.workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=600,
+        )
+
+    def stack(self, name: str, config: Mapping[str, Any], secret_keys: tuple[str, ...] = ()) -> auto.Stack:
+        """The stack `name` with exactly `config` ({"<ns>:<key>": value}) in its stack file."""
+        command = auto.PulumiCommand(root=str(cache_dir()), skip_version_check=True)
+        stack = auto.create_or_select_stack(
+            stack_name=name,
+            project_name=PROJECT,
+            program=run_project_program,
+            opts=auto.LocalWorkspaceOptions(
+                work_dir=str(self.workdir),
+                pulumi_home=str(self.home),
+                pulumi_command=command,
+                env_vars=self.env,
+                project_settings=auto.ProjectSettings(name=PROJECT, runtime="python"),
+                secrets_provider="passphrase",
+            ),
+        )
+        self.write_config(name, config, secret_keys)
+        return stack
+
+    def stack_file(self, name: str) -> Path:
+        return self.workdir / f"Pulumi.{name}.yaml"
+
+    def write_config(self, name: str, config: Mapping[str, Any], secret_keys: tuple[str, ...] = ()) -> None:
+        """Writes the plain keys as YAML (objects stay objects, as users write
+        them), then sets each secret key through the CLI, which encrypts it."""
+        path = self.stack_file(name)
+        document = yaml.safe_load(path.read_text()) if path.exists() else {}
+        document = document or {}
+        document["config"] = {k: v for k, v in config.items() if k not in secret_keys}
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        for key in secret_keys:
+            self.cli("config", "set", "--secret", "--stack", name, key, str(config[key]))
+
+    def remove_stack(self, name: str) -> None:
+        self.cli("stack", "rm", "--yes", "--force", "--stack", name, check=False)
+        self.stack_file(name).unlink(missing_ok=True)
+
+
+def events_of(kind: str) -> tuple[list[Any], Callable[[auto.EngineEvent], None]]:
+    """A list and the `on_event` callback that fills it with events of `kind`
+    (`resource_pre_event`, `diagnostic_event`, ...)."""
+    found: list[Any] = []
+
+    def collect(event: auto.EngineEvent) -> None:
+        value = getattr(event, kind, None)
+        if value is not None:
+            found.append(value)
+
+    return found, collect
+
+
+def export_state(engine: Engine, stack: str) -> dict[str, Any]:
+    """`pulumi stack export` (secrets stay encrypted)."""
+    out = engine.cli("stack", "export", "--stack", stack)
+    state: dict[str, Any] = json.loads(out.stdout)
+    return state
+
+
+def wipe(engine: Engine) -> None:
+    shutil.rmtree(engine.state_dir, ignore_errors=True)
