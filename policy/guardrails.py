@@ -11,14 +11,20 @@ builders or constants (its own address ranges, its own idea of a pinned
 image). A change that weakens the program's definitions then cannot weaken
 the guardrails in the same stroke.
 
-Which namespaces are guarded: every namespace this stack touches. The
-program only ever creates or labels protected namespaces and its relay
-namespace, and places objects nowhere else, so a stack-level check takes the
-namespaces of every Namespace, NamespacePatch and namespaced object it holds.
-The relay namespace is the one holding the relay workload (pod label
-`app.kubernetes.io/name: tailscale-egress-relay`); every other guarded
-namespace is a protected one. Labels such as Pod Security's are NOT used to
-decide what is guarded: they are what a weakening change would remove.
+Which namespaces are guarded, decided by a stack-level check over every
+resource (labels such as Pod Security's are NOT used to decide: they are what
+a weakening change would remove):
+- protected: every namespace the stack sets up protection in, that is one it
+  creates or labels (Namespace, NamespacePatch) or holds a NetworkPolicy or
+  ConfigMap in. The program places nothing else anywhere, so a workload a
+  change adds there is checked, and one in an unrelated namespace is not;
+- relay: the namespace of any object carrying the relay's label
+  (`app.kubernetes.io/name: tailscale-egress-relay`: its Deployment, Service
+  and policies, so it is known even while a preview cannot see the Deployment);
+- node guard: `<relay namespace>-node-guard`, Pod Security `privileged` for
+  the node guard's DaemonSet, which may share the node's network and run as
+  root with NET_ADMIN and NET_RAW, and nothing more; any other pod there is
+  held to `restricted`.
 
 Values unknown during a preview (the relay's spec waits for the exit node's
 address on a new stack) cannot be checked then: resource policies are then
@@ -563,9 +569,14 @@ def check_images(resource_type: str, props: Mapping[str, Any]) -> list[str]:
 # --- 6. Tailscale auth keys: tagged, pre-authorized, ephemeral; the exit node's single-use ---
 
 
+_EXIT_KEY_NAME = re.compile(r"exit-node-key$")
+_EXIT_KEY_ROLE = re.compile(r"(^|\s)exit node( g\d+)?$")
+
+
 def is_exit_node_key(name: str, props: Mapping[str, Any]) -> bool:
-    """The program names it `<...>-exit-node-key` and describes it as `<stack> exit node`."""
-    return "exit" in name.lower() or "exit" in str(props.get("description") or "").lower()
+    """The program names it `<...>-exit-node-key` and describes it as `<stack prefix> exit node`
+    (the role ends the description, so a stack named "exit..." does not make every key one)."""
+    return bool(_EXIT_KEY_NAME.search(name) or _EXIT_KEY_ROLE.search(str(props.get("description") or "")))
 
 
 def check_auth_key(name: str, props: Mapping[str, Any]) -> list[str]:

@@ -516,3 +516,47 @@ def test_the_pack_process_serves_every_policy_and_fails_a_weak_key_over_grpc(com
 
 def guardrails_dir() -> str:
     return str(Path(guardrails.__file__).parent)
+
+
+def test_only_the_exit_node_key_must_be_single_use_whatever_the_stack_is_called() -> None:
+    # The relay's key is reusable (its pods restart); a stack named "exit..." must not make it the exit node's.
+    evaluation = evaluate(dev_config(), "exit-node-lab")
+    assert evaluation.error is None, evaluation.error
+    stack = stack_of(evaluation)
+    assert "exit" in stack.find(KEY, "tailnet-relay-key").props["description"]
+    assert failures(stack, "auth-keys-locked-down") == []
+
+
+# --- the node guard: the one privileged namespace, for the guard alone ---
+
+DAEMONSET = "kubernetes:apps/v1:DaemonSet"
+
+
+@pytest.mark.parametrize(
+    ("weaken", "expected"),
+    [
+        (lambda s: s["containers"][0]["securityContext"].update(privileged=True), "privileged: true"),
+        (lambda s: s["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]), "SYS_ADMIN"),
+        (lambda s: s.update(hostPID=True), "hostPID: true"),
+    ],
+    ids=["privileged", "SYS_ADMIN", "hostPID"],
+)
+def test_the_node_guard_gets_the_nodes_network_and_two_capabilities_and_no_more(
+    weaken: Callable[[dict[str, Any]], Any], expected: str
+) -> None:
+    # builders/node_guard.py takes no such argument: the evaluated DaemonSet is edited.
+    weakened = stack_of(dev()).edit(DAEMONSET, "node-guard-daemonset", lambda p: weaken(p["spec"]["template"]["spec"]))
+    assert_fails(
+        weakened,
+        "guarded-pods-restricted",
+        "node guard namespace 'tailscale-egress-node-guard'",
+        expected,
+        "the node guard may share the node's network",
+    )
+
+
+def test_any_other_pod_in_the_node_guards_namespace_is_held_to_restricted() -> None:
+    rooted = copy.deepcopy(COMPLIANT_POD)
+    rooted["containers"][0]["securityContext"]["runAsUser"] = 0
+    stack = stack_of(dev()).plus(pod("shell", "tailscale-egress-node-guard", rooted))
+    assert_fails(stack, "guarded-pods-restricted", "Pod 'shell' in node guard namespace", "runs as root")
