@@ -4,14 +4,16 @@ bad value and what is allowed."""
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
+import types
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, get_args
 from urllib.parse import urlsplit
 
 import pulumi
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 from builders.networks import is_public, is_tailnet_ip
@@ -39,7 +41,9 @@ RELAY_EGRESS_MODES: Final = ("pinned", "public")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _TAG = re.compile(r"^tag:[a-zA-Z][-a-zA-Z0-9]*$")
-_IMAGE_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+# An exact version: major.minor.patch, with an optional v and suffix (v1.102.5,
+# 1.102.5-alpine). Tags such as stable, latest, v1 or 1.102 move to new images.
+_EXACT_VERSION_TAG = re.compile(r"^v?\d+\.\d+\.\d+(?:[-+][\w.-]+)?$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -81,10 +85,37 @@ def _one_of(allowed: Iterable[str], note: str = "") -> AfterValidator:
     return AfterValidator(check)
 
 
+def covers_whole_internet(cidr: str) -> bool:
+    """True for a block larger than any one organisation's network: an IPv4
+    prefix shorter than /8 or an IPv6 prefix shorter than /16 (0.0.0.0/0, ::/0,
+    2000::/3...). A firewall rule from such a block is open to the world."""
+    network = ipaddress.ip_network(cidr, strict=False)
+    return network.prefixlen < (8 if network.version == 4 else 16)
+
+
+def unpinned_image_problem(image: str) -> str | None:
+    """Why `image` is not pinned to an exact version tag or a digest, or None when it is."""
+    name, _, digest = image.partition("@")
+    repository, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "")
+    pinned_by_digest = bool(_DIGEST.match(digest))
+    pinned_by_tag = len(tag) <= 128 and bool(_EXACT_VERSION_TAG.match(tag))
+    if " " in image or not repository or (digest and not pinned_by_digest) or not (pinned_by_digest or pinned_by_tag):
+        moving = ""
+        if repository and not digest:
+            moving = f" (the tag {tag!r} can move to another image)" if tag else " (no tag means :latest, which moves)"
+        return (
+            f"must be pinned to an exact version or a digest{moving}, such as {RELAY_IMAGE}"
+            f" or {RELAY_IMAGE.partition(':')[0]}@sha256:<64 hex digits>"
+        )
+    return None
+
+
 class ExitNodeConfig(_Model):
     location: Annotated[str, _one_of(HETZNER_LOCATIONS)] = "fsn1"
     server_type: Annotated[str, _one_of(HETZNER_SERVER_TYPES, " (cx22 and cpx11 are retired)")] = "cx23"
     image: Annotated[str, _one_of(EXIT_NODE_IMAGES)] = "ubuntu-24.04"
+    # Before ssh_allowed_cidrs, whose check reads it.
+    ssh_allow_whole_internet: bool = False
     ssh_allowed_cidrs: list[str] = Field(default_factory=list)
     # Bring your own exit node: no Hetzner resource is created.
     existing_tailnet_ip: str | None = None
@@ -92,8 +123,16 @@ class ExitNodeConfig(_Model):
 
     @field_validator("ssh_allowed_cidrs")
     @classmethod
-    def _ssh(cls, v: list[str]) -> list[str]:
-        return [_network(c) for c in v]
+    def _ssh(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        out = [_network(c) for c in v]
+        wide = [c for c in out if covers_whole_internet(c)]
+        if wide and info.data.get("ssh_allow_whole_internet") is not True:
+            raise ValueError(
+                f"{', '.join(wide)} opens SSH to the whole internet (an IPv4 prefix shorter than /8 or an IPv6"
+                " prefix shorter than /16 counts as that); list your own addresses, such as 203.0.113.7/32,"
+                " or set exitNode.sshAllowWholeInternet: true to accept it"
+            )
+        return out
 
     @field_validator("existing_tailnet_ip")
     @classmethod
@@ -220,13 +259,9 @@ class ClusterConfig(_Model):
     @field_validator("relay_image")
     @classmethod
     def _pinned(cls, v: str) -> str:
-        name, _, digest = v.partition("@")
-        last = name.rsplit("/", 1)[-1]
-        tag = last.partition(":")[2] if ":" in last else None
-        pinned_by_digest = bool(digest) and bool(_DIGEST.match(digest))
-        pinned_by_tag = tag is not None and bool(_IMAGE_TAG.match(tag)) and tag != "latest"
-        if " " in v or not (pinned_by_digest or pinned_by_tag) or (digest and not pinned_by_digest):
-            raise ValueError(f"must be pinned to a version tag or digest, such as {RELAY_IMAGE}")
+        problem = unpinned_image_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
     @field_validator("pod_cidr", "service_cidr")
@@ -378,13 +413,76 @@ def _names_an_ip(url: str) -> bool:
     return True
 
 
-def parse_config(raw: Mapping[str, Any]) -> StackConfig:
+# Keys of the project's namespace read outside StackConfig (components/tailnet_access.py).
+OTHER_KEYS: Final = ("relayAuthKey",)
+# Namespaces of the providers and of Pulumi itself: their keys are theirs to check.
+OTHER_NAMESPACES: Final = frozenset({"hcloud", "tailscale", "kubernetes", "pulumi"})
+
+
+def _aliases(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to `name` (case-insensitively), if any is close."""
+    by_lower = {k.lower(): k for k in known}
+    found = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    return by_lower[found[0]] if found else None
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model knows inside the map at `loc` (list indexes skipped)."""
+    model: type[BaseModel] = StackConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        if field is None:
+            return []
+        candidates = (field.annotation, *get_args(field.annotation))
+        models = [
+            c
+            for c in candidates
+            if isinstance(c, type) and not isinstance(c, types.GenericAlias) and issubclass(c, BaseModel)
+        ]
+        if not models:
+            return []
+        model = models[0]
+    return _aliases(model)
+
+
+def unknown_key_problems(keys: Iterable[str]) -> list[str]:
+    """One line per stack config key this program does not know: a key of its
+    namespace it does not read, or a namespace that is a near miss of its own
+    (`tailscale_egress:`); keys of other namespaces are left to their owners."""
+    known = [*_aliases(StackConfig), *OTHER_KEYS]
+    problems = []
+    for full in sorted(keys):
+        namespace, sep, key = full.partition(":")
+        if not sep or namespace in OTHER_NAMESPACES:
+            continue
+        if namespace == PROJECT:
+            if key in known:
+                continue
+            guess = _closest(key, known)
+            hint = f"did you mean {PROJECT}:{guess}?" if guess else f"the keys are {', '.join(known)}"
+            problems.append(f"{full}: unknown key; {hint} (see the README's configuration reference)")
+        elif difflib.get_close_matches(namespace.lower(), [PROJECT], n=1, cutoff=0.8):
+            guess = key if key in known else _closest(key, known) or key
+            problems.append(
+                f"{full}: unknown namespace {namespace!r}; did you mean {PROJECT}:{guess}?"
+                f" (this program reads only {PROJECT}:<key>)"
+            )
+    return problems
+
+
+def parse_config(raw: Mapping[str, Any], also: Iterable[str] = ()) -> StackConfig:
     """Validate `raw` ({"exitNode": {...}, "tailnet": {...}, "cluster": {...}}).
 
-    Raises ConfigError listing every problem as
+    Raises ConfigError listing every problem (`also` first) as
     `tailscale-egress:<key> = <value>: <what is allowed>`.
     """
-    lines: list[str] = []
+    lines: list[str] = list(also)
     try:
         model = StackConfig.model_validate(raw)
     except ValidationError as err:
@@ -392,7 +490,9 @@ def parse_config(raw: Mapping[str, Any]) -> StackConfig:
             loc = tuple(p for p in e["loc"] if p not in ("function-after", "function-before"))
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
-                msg = "unknown key (see the README's configuration reference for the keys there are)"
+                guess = _closest(str(loc[-1]), _keys_at(loc[:-1]))
+                hint = f"did you mean {_key_of((*loc[:-1], guess))}? " if guess else ""
+                msg = f"unknown key; {hint}(see the README's configuration reference for the keys there are)"
             if loc[-1] == "name" and isinstance(_value_at(raw, loc[:-1]), str):
                 loc = loc[:-1]  # a plain namespace name: report it as written
             value = _value_at(raw, loc) if e["type"] != "missing" else None
@@ -403,20 +503,34 @@ def parse_config(raw: Mapping[str, Any]) -> StackConfig:
     return model
 
 
-def load_config() -> StackConfig:
-    """Read `tailscale-egress:{exitNode,tailnet,cluster}` from the stack."""
-    cfg = pulumi.Config(PROJECT)
+def check_config(config: Mapping[str, Any]) -> StackConfig:
+    """Validate a whole stack configuration, {"<namespace>:<key>": value}, with
+    the sections' values as objects: unknown keys and bad values, all at once."""
+    problems = unknown_key_problems(config)
     raw: dict[str, Any] = {}
-    problems: list[str] = []
-    for section in ("exitNode", "tailnet", "cluster"):
-        try:
-            value = cfg.get_object(section)
-        except Exception:  # noqa: BLE001  (Pulumi raises a plain error for a value that is not JSON)
-            value = cfg.get(section)
+    for section in _aliases(StackConfig):
+        value = config.get(f"{PROJECT}:{section}")
         if value is not None and not isinstance(value, dict):
             problems.append(f"{PROJECT}:{section} = {value!r}: must be an object of keys (see Pulumi.dev.yaml)")
         elif value is not None:
             raw[section] = value
-    if problems:
-        raise ConfigError("invalid stack configuration:\n  " + "\n  ".join(problems))
-    return parse_config(raw)
+    return parse_config(raw, also=problems)
+
+
+def _stack_config_keys() -> set[str]:
+    """Every key of the stack's config, as the language host hands it over."""
+    return set(pulumi.runtime.config.CONFIG.get()) | set(pulumi.runtime.config.get_config_env())
+
+
+def load_config() -> StackConfig:
+    """Read and check the stack's config: `tailscale-egress:{exitNode,tailnet,cluster}`,
+    and the names of all other keys, so that a misspelt one is not ignored."""
+    cfg = pulumi.Config(PROJECT)
+    config: dict[str, Any] = dict.fromkeys(_stack_config_keys())  # other values are not read here
+    for section in _aliases(StackConfig):
+        try:
+            value = cfg.get_object(section)
+        except Exception:  # noqa: BLE001  (Pulumi raises a plain error for a value that is not JSON)
+            value = cfg.get(section)
+        config[f"{PROJECT}:{section}"] = value
+    return check_config(config)

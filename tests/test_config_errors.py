@@ -3,6 +3,8 @@ naming the key, the value and what is allowed; no traceback."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,8 @@ import pytest
 
 from config import ConfigError, StackConfig, parse_config
 from preflight import PreflightError
-from tests.stacks import dev_config, repo_path, with_config
+from tests.stacks import dev_config, pinned_config, repo_path, with_config
+from tools.check_stack_file import main as check_stack_file_main
 from tools.mockstack import FakeProviders, evaluate
 
 
@@ -46,7 +49,19 @@ def refused(config: dict[str, Any], **kwargs: Any) -> str:
         ("cluster", {"protectedNamespaces": []}, "cluster.protectedNamespaces = []: list at least one"),
         ("cluster", {"relayNamespace": "kube-system"}, "cluster.relayNamespace = 'kube-system': must be a namespace of its own"),
         ("cluster", {"podCidr": "10.42.0.0/8"}, "cluster.podCidr = '10.42.0.0/8': must be a CIDR"),
-        ("cluster", {"relayReplica": 2}, "cluster.relayReplica = 2: unknown key"),
+        ("cluster", {"relayReplica": 2}, "cluster.relayReplica = 2: unknown key; did you mean cluster.relayReplicas?"),
+        ("cluster", {"protectedNamespaces": [{"name": "a", "crate": True}]}, "cluster.protectedNamespaces[0].crate = True: unknown key; did you mean cluster.protectedNamespaces[0].create?"),
+        ("exitNode", {"sshAllowedCidr": ["203.0.113.7/32"]}, "exitNode.sshAllowedCidr = ['203.0.113.7/32']: unknown key; did you mean exitNode.sshAllowedCidrs?"),
+        ("tailnet", {"loginserver": "https://hs.example.com"}, "tailnet.loginserver = 'https://hs.example.com': unknown key; did you mean tailnet.loginServer?"),
+        ("cluster", {"relayImage": "ghcr.io/tailscale/tailscale:stable"}, "cluster.relayImage = 'ghcr.io/tailscale/tailscale:stable': must be pinned to an exact version or a digest (the tag 'stable' can move to another image), such as ghcr.io/tailscale/tailscale:v1.102.5"),
+        ("cluster", {"relayImage": "ghcr.io/tailscale/tailscale:unstable"}, "cluster.relayImage = 'ghcr.io/tailscale/tailscale:unstable': must be pinned to an exact version"),
+        ("cluster", {"relayImage": "ghcr.io/tailscale/tailscale:v1"}, "cluster.relayImage = 'ghcr.io/tailscale/tailscale:v1': must be pinned to an exact version"),
+        ("cluster", {"relayImage": "ghcr.io/tailscale/tailscale:1.102"}, "cluster.relayImage = 'ghcr.io/tailscale/tailscale:1.102': must be pinned to an exact version"),
+        ("cluster", {"relayImage": "ghcr.io/tailscale/tailscale@sha256:abc"}, "or ghcr.io/tailscale/tailscale@sha256:<64 hex digits>"),
+        ("exitNode", {"sshAllowedCidrs": ["0.0.0.0/0"]}, "exitNode.sshAllowedCidrs = ['0.0.0.0/0']: 0.0.0.0/0 opens SSH to the whole internet"),
+        ("exitNode", {"sshAllowedCidrs": ["203.0.113.7/32", "::/0"]}, "exitNode.sshAllowedCidrs = ['203.0.113.7/32', '::/0']: ::/0 opens SSH to the whole internet"),
+        ("exitNode", {"sshAllowedCidrs": ["0.0.0.0/1", "128.0.0.0/1"]}, "0.0.0.0/1, 128.0.0.0/1 opens SSH to the whole internet"),
+        ("exitNode", {"sshAllowedCidrs": ["2000::/3"]}, "or set exitNode.sshAllowWholeInternet: true to accept it"),
     ],
 )  # fmt: skip
 def test_each_bad_value_is_refused_with_key_value_and_what_is_allowed(
@@ -210,3 +225,130 @@ def test_a_login_server_named_by_host_name_needs_its_addresses_while_pinned() ->
 def test_an_unknown_relay_egress_mode_is_refused() -> None:
     message = refused(with_config(dev_config(), "tailnet", relayEgress="open"))
     assert "tailscale-egress:tailnet.relayEgress = 'open': must be one of pinned, public" in message
+
+
+# Front door: typos are refused with the closest known name, images must be
+# pinned exactly, SSH from the whole internet must be acknowledged.
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("tailscale-egress:clusters", "tailscale-egress:clusters: unknown key; did you mean tailscale-egress:cluster?"),
+        ("tailscale-egress:exitnode", "tailscale-egress:exitnode: unknown key; did you mean tailscale-egress:exitNode?"),
+        ("tailscale-egress:relayAuthkey", "did you mean tailscale-egress:relayAuthKey?"),
+        ("tailscale_egress:cluster", "tailscale_egress:cluster: unknown namespace 'tailscale_egress'; did you mean tailscale-egress:cluster?"),
+        ("tailscale-egres:cluster", "tailscale-egres:cluster: unknown namespace 'tailscale-egres'; did you mean tailscale-egress:cluster?"),
+        ("tailscale_egress:clustre", "did you mean tailscale-egress:cluster?"),
+        ("tailscale-egress:verbose", "tailscale-egress:verbose: unknown key; the keys are exitNode, tailnet, cluster"),
+    ],
+)  # fmt: skip
+def test_an_unknown_key_is_refused_with_the_closest_known_one(key: str, expected: str) -> None:
+    config = dev_config() | {key: {"context": "rancher-desktop"}}
+    message = refused(config)
+    assert expected in message
+    assert "{'context'" not in message  # the value of an unknown key may be a secret: not shown
+
+
+def test_an_unknown_key_from_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # How the CLI hands config to some language hosts: one JSON object in PULUMI_CONFIG.
+    monkeypatch.setenv("PULUMI_CONFIG", '{"tailscale-egress:clusters": "{}"}')
+    assert "did you mean tailscale-egress:cluster?" in refused(dev_config())
+
+
+def test_keys_of_other_namespaces_and_the_relay_key_are_left_alone() -> None:
+    config = pinned_config() | {
+        "hcloud:token": "MOCK",
+        "tailscale:apiKey": "MOCK",
+        "tailscale:tailnet": "example.com",
+        "kubernetes:enableServerSideApply": "true",
+        "pulumi:disable-default-providers": '["*"]',
+        "aws:region": "eu-central-1",
+    }
+    assert "tailscale-egress:relayAuthKey" in config
+    result = evaluate(config, "ok", secret_keys=("tailscale-egress:relayAuthKey", "hcloud:token", "tailscale:apiKey"))
+    assert result.error is None, result.error
+
+
+def test_unknown_keys_and_bad_values_are_reported_together() -> None:
+    config = with_config(dev_config(), "cluster", relayImage="ghcr.io/tailscale/tailscale:stable")
+    config["tailscale-egress:exitnode"] = {}
+    message = refused(config)
+    assert "tailscale-egress:exitnode: unknown key" in message and "cluster.relayImage" in message
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "ghcr.io/tailscale/tailscale:v1.102.5",
+        "ghcr.io/tailscale/tailscale:1.102.5",
+        "ghcr.io/tailscale/tailscale@sha256:" + "0123456789abcdef" * 4,
+        "ghcr.io/tailscale/tailscale:v1.102.5@sha256:" + "0123456789abcdef" * 4,
+        "registry.example.com:5000/mirror/tailscale:v1.102.5",
+    ],
+)
+def test_an_image_pinned_to_an_exact_version_or_digest_is_accepted(image: str) -> None:
+    assert parse_config({"cluster": {"relayImage": image}}).cluster.relay_image == image
+
+
+def test_ssh_from_the_whole_internet_is_accepted_when_acknowledged() -> None:
+    cfg = parse_config({"exitNode": {"sshAllowedCidrs": ["0.0.0.0/0", "::/0"], "sshAllowWholeInternet": True}})
+    assert cfg.exit_node.ssh_allowed_cidrs == ["0.0.0.0/0", "::/0"]
+    # The largest blocks one organisation holds are not the whole internet.
+    cfg = parse_config({"exitNode": {"sshAllowedCidrs": ["17.0.0.0/8", "2003::/19"]}})
+    assert cfg.exit_node.ssh_allowed_cidrs == ["17.0.0.0/8", "2003::/19"]
+
+
+def test_the_firewall_opens_ssh_only_to_acknowledged_whole_internet() -> None:
+    config = with_config(dev_config(), "exitNode", sshAllowedCidrs=["0.0.0.0/0"], sshAllowWholeInternet=True)
+    result = evaluate(config, "ssh")
+    assert result.error is None, result.error
+    (firewall,) = result.of_type("hcloud:index/firewall:Firewall")
+    ssh = [r for r in firewall.plain()["rules"] if r.get("port") == "22"]
+    assert [r["sourceIps"] for r in ssh] == [["0.0.0.0/0"]]
+
+
+# The stack file, checked offline before `pulumi` runs (make preview, make up).
+CHECK = [sys.executable, str(repo_path("tools", "check_stack_file.py"))]
+
+
+def check_stack_file(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CHECK, str(path)], capture_output=True, text=True, check=False)
+
+
+def test_the_stack_file_check_accepts_the_dev_stack_and_a_stack_not_created_yet(tmp_path: Path) -> None:
+    assert check_stack_file_main([str(repo_path("Pulumi.dev.yaml"))]) == 0
+    assert check_stack_file_main([str(tmp_path / "Pulumi.new.yaml")]) == 0
+
+
+def test_the_stack_file_check_refuses_a_yaml_error_in_one_line(tmp_path: Path) -> None:
+    stack_file = tmp_path / "Pulumi.broken.yaml"
+    stack_file.write_text("config:\n  tailscale-egress:exitNode:\n    location: fsn1\n   serverType: cx23\n")
+    done = check_stack_file(stack_file)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"{stack_file}:4:4: not valid YAML: expected <block end>, but found '<block mapping start>'"
+        " (while parsing a block mapping on line 2)"
+    ]
+
+
+def test_the_stack_file_check_refuses_unknown_keys_and_bad_values(tmp_path: Path) -> None:
+    stack_file = tmp_path / "Pulumi.typo.yaml"
+    stack_file.write_text(
+        "config:\n"
+        "  tailscale:apiKey:\n    secure: v1:AAAA\n"
+        "  tailscale_egress:cluster:\n    context: rd\n"
+        "  tailscale-egress:exitNode:\n    sshAllowedCidrs: [0.0.0.0/0]\n"
+        "  tailscale-egress:cluster:\n    relayImage: ghcr.io/tailscale/tailscale:stable\n"
+    )
+    done = check_stack_file(stack_file)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"{stack_file}: invalid stack configuration:"
+    assert len(lines) == 4, done.stderr
+    assert lines[1].startswith(
+        "  tailscale_egress:cluster: unknown namespace 'tailscale_egress'; did you mean tailscale-egress:cluster?"
+    )
+    assert "tailscale-egress:exitNode.sshAllowedCidrs = ['0.0.0.0/0']: 0.0.0.0/0 opens SSH" in done.stderr
+    assert "tailscale-egress:cluster.relayImage = 'ghcr.io/tailscale/tailscale:stable': must be pinned" in done.stderr

@@ -93,8 +93,11 @@ class Registration:
     dependencies: list[str]
     inputs: Any  # secrets still wrapped; see `plain()` and `redacted()`
 
-    def redacted(self) -> Any:
-        return _map_secrets(self.inputs, lambda _: SECRET)
+    def redacted(self, *, keep_keys: bool = False) -> Any:
+        """The inputs with each secret as "[secret]"; with `keep_keys`, a secret
+        map or list keeps its shape and only its values are redacted
+        (`{authkey: "[secret]"}`), so that a Kubernetes object stays valid."""
+        return _map_secrets(self.inputs, _redact_leaves if keep_keys else lambda _: SECRET)
 
     def plain(self) -> Any:
         return _map_secrets(self.inputs, lambda v: v)
@@ -103,6 +106,14 @@ class Registration:
         found: list[str] = []
         _walk_secrets(self.inputs, "", found)
         return found
+
+
+def _redact_leaves(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact_leaves(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_leaves(v) for v in value]
+    return SECRET
 
 
 def _is_secret(value: Any) -> bool:
@@ -178,15 +189,77 @@ class Evaluation:
         return next(r for r in self.resources if r.urn == urn)
 
 
-def stack_file_config(path: Path) -> dict[str, Any]:
-    """The `config:` of a Pulumi.<stack>.yaml; encrypted values become "[secret]"."""
+class StackFileError(ValueError):
+    """A stack file that cannot be read: one line, `<file>:<line>:<column>: <what>`."""
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _load_stack_yaml(path: Path) -> Any:
     import yaml
 
-    doc = yaml.safe_load(path.read_text()) or {}
+    class Loader(yaml.SafeLoader):
+        """Refuses a key given twice in one map, as Pulumi does, instead of keeping the last."""
+
+    def mapping(loader: Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise StackFileError(
+                    f"{_display(path)}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}:"
+                    f" {key} is given twice (first on line {seen[key]}); keep one"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return loader.construct_mapping(node)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(path.read_text(), Loader=Loader)  # a SafeLoader: no arbitrary objects
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{mark.line + 1}:{mark.column + 1}:" if mark else ""
+        what = err.problem or ""
+        if err.context:
+            started = err.context_mark
+            on_line = f" on line {started.line + 1}" if started and mark and started.line != mark.line else ""
+            what += f" ({err.context}{on_line})"
+        raise StackFileError(f"{_display(path)}:{where} not valid YAML: {what}") from None
+    except yaml.YAMLError as err:
+        raise StackFileError(f"{_display(path)}: not valid YAML: {err}") from None
+
+
+def _redact_secure(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"secure"}:
+            return SECRET
+        return {k: _redact_secure(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_secure(v) for v in value]
+    return value
+
+
+def stack_file_config(path: Path) -> dict[str, Any]:
+    """The `config:` of a Pulumi.<stack>.yaml; encrypted values become "[secret]".
+
+    Raises StackFileError for a file that is not YAML or not a stack file.
+    """
+    doc = _load_stack_yaml(path)
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("config") or {}, dict):
+        raise StackFileError(
+            f"{_display(path)}: not a stack file: expected `config:` and under it `<key>: <value>` lines"
+        )
     config = {}
     for key, value in (doc.get("config") or {}).items():
-        full = key if ":" in key else f"{PROJECT}:{key}"
-        config[full] = SECRET if isinstance(value, dict) and "secure" in value else value
+        full = key if ":" in str(key) else f"{PROJECT}:{key}"
+        config[full] = _redact_secure(value)
     return config
 
 

@@ -2,11 +2,16 @@
 
     python tools/render.py <stack> [--config-file Pulumi.<stack>.yaml] [--out build/render/<stack>]
 
-Writes manifests/ (every Kubernetes object as YAML, one file each, as it
-would be applied; a namespace labelled in place appears as a Namespace with
-the labels the stack sets), resources.json (every resource: type, name,
-parent, inputs) and outputs.json. Secret values appear only as "[secret]".
-Invalid config: exit 1, the messages, nothing written.
+Writes manifests/ (every Kubernetes object as YAML, one file each, exactly
+as it would be applied, secret values redacted), resources.json (every
+resource: type, name, parent, inputs) and outputs.json. Secret values appear
+only as "[secret]"; in a manifest each key of a secret map keeps its name
+(`stringData: {authkey: "[secret]"}`), so that every object stays a valid
+Kubernetes object. A namespace the stack only labels is written as
+namespace-patch-*.yaml, under a comment saying that it is a patch of an
+existing namespace. The output is deterministic: the same stack renders to
+the same bytes, so that two renders can be diffed.
+Invalid config or stack file: exit 1, the messages, nothing written.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.mockstack import ROOT, Evaluation, Registration, evaluate, stack_file_config
+from tools.mockstack import ROOT, Evaluation, Registration, StackFileError, evaluate, stack_file_config
 
+_PATCH = "kubernetes:core/v1:NamespacePatch"
 _KINDS = {
     "kubernetes:core/v1:Namespace": ("v1", "Namespace"),
-    "kubernetes:core/v1:NamespacePatch": ("v1", "Namespace"),
+    _PATCH: ("v1", "Namespace"),
     "kubernetes:core/v1:ConfigMap": ("v1", "ConfigMap"),
     "kubernetes:core/v1:Secret": ("v1", "Secret"),
     "kubernetes:core/v1:Service": ("v1", "Service"),
@@ -42,38 +48,81 @@ _KINDS = {
         "ValidatingAdmissionPolicyBinding",
     ),
 }
-_BODY_FIELDS = ("type", "data", "stringData", "spec")
+# The conventional order of a manifest's keys and of its metadata's; every
+# other map is written with its keys sorted, so that a render is the same
+# bytes whatever order the program built its maps in.
+_TOP_ORDER = ("apiVersion", "kind", "metadata", "spec", "data", "stringData", "type")
+_METADATA_ORDER = ("name", "namespace", "labels", "annotations")
+
+
+def _ordered(value: Any, order: tuple[str, ...] = ()) -> Any:
+    if isinstance(value, dict):
+        rank = {k: i for i, k in enumerate(order)}
+        keys = sorted(value, key=lambda k: (rank.get(k, len(order)), k))
+        return {k: _ordered(value[k], _METADATA_ORDER if k == "metadata" else ()) for k in keys}
+    if isinstance(value, list):
+        return [_ordered(v) for v in value]  # a list's order is its meaning: kept
+    return value
 
 
 def manifest_of(resource: Registration) -> dict[str, Any] | None:
-    """The Kubernetes object a resource applies (secrets redacted), or None."""
+    """The Kubernetes object a resource applies (secret values redacted, their keys kept), or None."""
     if resource.type not in _KINDS:
         return None
     api_version, kind = _KINDS[resource.type]
-    inputs = resource.redacted()
-    manifest = {"apiVersion": api_version, "kind": kind, "metadata": inputs["metadata"]}
-    manifest.update({f: inputs[f] for f in _BODY_FIELDS if inputs.get(f) is not None})
-    return manifest
+    inputs = resource.redacted(keep_keys=True)
+    body = {k: v for k, v in inputs.items() if k not in ("apiVersion", "kind")}
+    return _ordered({"apiVersion": api_version, "kind": kind, **body}, _TOP_ORDER)  # type: ignore[no-any-return]
+
+
+def _sorted_resources(evaluation: Evaluation) -> list[Registration]:
+    # The engine registers resources in the order their inputs resolve, which varies.
+    return sorted(evaluation.resources, key=lambda r: r.urn)
+
+
+def manifest_filename(manifest: dict[str, Any], *, patch: bool = False) -> str:
+    meta = manifest["metadata"]
+    kind = manifest["kind"].lower() + ("-patch" if patch else "")
+    return f"{kind}-{meta.get('namespace', '_cluster')}-{meta['name']}.yaml"
+
+
+def _patch_header(manifest: dict[str, Any]) -> str:
+    name = manifest["metadata"]["name"]
+    return (
+        f'# A patch of the existing namespace "{name}", not a new namespace: the stack\n'
+        "# neither creates nor deletes it. Only the labels below are applied (server-side\n"
+        "# apply, kubernetes:core/v1:NamespacePatch), and destroy removes only them.\n"
+    )
+
+
+def rendered_manifests(evaluation: Evaluation) -> list[tuple[str, str, dict[str, Any]]]:
+    """(file name, file text, object) of every Kubernetes object, by file name."""
+    files = []
+    for resource in _sorted_resources(evaluation):
+        manifest = manifest_of(resource)
+        if manifest is None:
+            continue
+        patch = resource.type == _PATCH
+        text = yaml.safe_dump(manifest, sort_keys=False)
+        files.append(
+            (manifest_filename(manifest, patch=patch), (_patch_header(manifest) if patch else "") + text, manifest)
+        )
+    return sorted(files, key=lambda f: f[0])
 
 
 def manifests(evaluation: Evaluation) -> list[dict[str, Any]]:
-    return [m for r in evaluation.resources if (m := manifest_of(r)) is not None]
-
-
-def manifest_filename(manifest: dict[str, Any]) -> str:
-    meta = manifest["metadata"]
-    return f"{manifest['kind'].lower()}-{meta.get('namespace', '_cluster')}-{meta['name']}.yaml"
+    return [manifest for _, _, manifest in rendered_manifests(evaluation)]
 
 
 def write_render(evaluation: Evaluation, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     (out / "manifests").mkdir(parents=True)
-    for manifest in manifests(evaluation):
-        (out / "manifests" / manifest_filename(manifest)).write_text(yaml.safe_dump(manifest, sort_keys=False))
+    for filename, text, _ in rendered_manifests(evaluation):
+        (out / "manifests" / filename).write_text(text)
     resources = [
         {"type": r.type, "name": r.name, "parent": r.parent or None, "inputs": r.redacted()}
-        for r in evaluation.resources
+        for r in _sorted_resources(evaluation)
     ]
     (out / "resources.json").write_text(json.dumps(resources, indent=2, sort_keys=True) + "\n")
     outputs = {k: "[secret]" if k in evaluation.secret_outputs else v for k, v in evaluation.outputs.items()}
@@ -90,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     if not config_file.is_file():
         print(f"render: no stack file {config_file}", file=sys.stderr)
         return 2
-    evaluation = evaluate(stack_file_config(config_file), stack=args.stack)
+    try:
+        config = stack_file_config(config_file)
+    except StackFileError as err:
+        print(f"render: {err}", file=sys.stderr)
+        return 1
+    evaluation = evaluate(config, stack=args.stack)
     if evaluation.error is not None:
         print(f"render: {evaluation.error}", file=sys.stderr)
         return 1
