@@ -13,8 +13,10 @@ export PATH := $(PATH):/usr/local/go/bin
 
 .PHONY: help venv tools test lint datapath-bins test-datapath test-all render preview up destroy bench bench-datapath clean policy-venv lint-bins
 
-help:
-	@sed -n '1,5p' Makefile
+# Every target with a "## " comment, with that comment.
+help: ## this list
+	@echo "make <target> [STACK=<name>]  (STACK defaults to $(STACK))"
+	@awk -F ':.*## ' '/^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is needed (found $$($(PYTHON) --version))"; exit 1; }
@@ -23,7 +25,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-venv: $(STAMP)
+venv: $(STAMP) ## create .venv from the pinned requirements
 
 NCA_VENV := build/tools/nca-venv
 NCA_STAMP := $(NCA_VENV)/.installed
@@ -36,13 +38,13 @@ $(NCA_STAMP): tests/support/requirements-nca.txt
 
 # The test tools: network-config-analyzer, and the Debian packages cloud-init
 # and shellcheck (installed where possible).
-tools: venv $(NCA_STAMP)
+tools: venv $(NCA_STAMP) ## install the test tools (network-config-analyzer, cloud-init, shellcheck)
 	bash scripts/install-test-tools.sh
 
-test: tools
+test: tools ## the fast suite: sets up .venv and the test tools, runs the unit tests
 	$(PY) -m pytest
 
-lint: venv
+lint: venv ## ruff check, ruff format --check, mypy --strict
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy .
@@ -50,23 +52,23 @@ lint: venv
 # tailscaled, tailscale, containerboot and headscale built from the Go module
 # proxy at pinned versions into ~/.cache/tailscale-egress (minutes the first
 # time, then reused); never into the repository.
-datapath-bins:
+datapath-bins: ## build tailscaled, tailscale, containerboot, headscale into the cache
 	bash scripts/build-datapath-bins.sh
 
 # The real data path in network namespaces: needs Linux, root, Go and iptables.
-test-datapath: venv datapath-bins
+test-datapath: venv datapath-bins ## the real data path in network namespaces (Linux, root)
 	bash scripts/install-test-tools.sh --datapath
 	$(PY) -m pytest -m datapath tests/datapath -v
 
-test-all: lint test test-datapath
+test-all: lint test test-datapath ## what CI runs: lint, the fast suite and the data-path suite
 
-render: venv
+render: venv ## write every object of STACK to build/render/STACK, no CLI or credentials
 	$(PY) tools/render.py $(STACK)
 
-bench: venv
+bench: venv ## time evaluating the dev stack
 	$(PY) tools/bench.py
 
-bench-datapath: venv datapath-bins
+bench-datapath: venv datapath-bins ## time the real data path
 	bash scripts/install-test-tools.sh --datapath
 	$(PY) tools/bench_datapath.py
 
@@ -88,22 +90,28 @@ lint-bins: ## build actionlint (the workflow linter) into the cache
 
 # Deploying needs the Pulumi CLI (https://www.pulumi.com/docs/install/) and the
 # credentials the README lists; the program checks them before creating anything.
+# The stack file checked offline first: YAML errors, unknown keys, bad values.
+check_stack_file = @$(PY) tools/check_stack_file.py Pulumi.$(STACK).yaml
+
 define pulumi_stack
-	@command -v pulumi >/dev/null || { echo "The Pulumi CLI is not installed: see https://www.pulumi.com/docs/install/"; exit 1; }
+	@command -v pulumi >/dev/null || { echo "The Pulumi CLI is not installed: see https://www.pulumi.com/docs/install/"; \
+		echo "To see every object the stack would create without it: make render STACK=$(STACK)"; exit 1; }
 	pulumi stack select --create $(STACK)
 endef
 
-preview: venv policy-venv
+preview: venv policy-venv ## show what pulumi up would change in STACK, checked by the policy pack (Pulumi CLI)
+	$(check_stack_file)
 	$(pulumi_stack)
 	pulumi preview --diff --policy-pack policy
 
-up: venv
+up: venv ## deploy STACK (Pulumi CLI and credentials)
+	$(check_stack_file)
 	$(pulumi_stack)
 	pulumi up
 
-destroy: venv
+destroy: venv ## remove everything STACK created (Pulumi CLI)
 	$(pulumi_stack)
 	pulumi destroy
 
-clean:
+clean: ## remove build/ and the tools' caches
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
