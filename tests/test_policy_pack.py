@@ -261,6 +261,13 @@ def test_a_private_login_server_at_its_address_and_port_passes() -> None:
     assert failures(stack, "relay-egress-public-only") == []
 
 
+def test_the_opt_in_public_relay_egress_passes_with_every_non_public_range_excepted() -> None:
+    public = built(with_config(dev_config(), "tailnet", relayEgress="public"))
+    spec = public.find(POLICY, "relay-egress").props["spec"]
+    assert any("ipBlock" in peer for rule in spec["egress"] for peer in rule.get("to", []))
+    assert failures(public, "relay-egress-public-only") == []
+
+
 def test_the_relay_reaching_a_private_range_fails() -> None:
     # Config refuses a private control-plane range first...
     assert refused(with_config(dev_config(), "tailnet", controlPlaneCidrs=["10.0.0.0/8"]), "controlPlaneCidrs")
