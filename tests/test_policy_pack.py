@@ -19,6 +19,7 @@ for what the program never builds (another workload, a key in an output).
 from __future__ import annotations
 
 import copy
+import os
 import select
 import subprocess
 import sys
@@ -487,14 +488,24 @@ def test_an_unknown_relay_spec_is_reported_as_unknown_not_as_a_violation_and_the
 
 @pytest.mark.parametrize(
     "command",
-    [["-u", "-m", "pulumi.policy", "127.0.0.1:1", "."], ["-u", "."]],
-    ids=["analyzer-shim", "language-host"],
+    [
+        [sys.executable, "-u", "-m", "pulumi.policy", "127.0.0.1:1", "."],
+        [sys.executable, "-u", "."],
+        ["./analyzer", "127.0.0.1:1"],
+    ],
+    ids=["analyzer-shim", "language-host", "binary-analyzer"],
 )
 def test_the_pack_process_serves_every_policy_and_fails_a_weak_key_over_grpc(command: list[str]) -> None:
-    # How pulumi-analyzer-policy-python (`python -m pulumi.policy <engine> .`)
-    # and the Python language host (`python <pack dir>`) start the pack, in its folder.
+    # How pulumi-analyzer-policy-python (`python -m pulumi.policy <engine> .`),
+    # the Python language host (`python <pack dir>`) and a CLI without that host
+    # (`--policy-pack policy/analyzer`, run with the engine's address) start the pack.
     pack = subprocess.Popen(
-        [sys.executable, *command], cwd=guardrails_dir(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=guardrails_dir(),
+        env={**os.environ, "POLICY_PYTHON": sys.executable},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert pack.stdout is not None
