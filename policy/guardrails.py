@@ -402,7 +402,7 @@ def check_namespace_isolation(resources: Sequence[Resource]) -> list[Violation]:
                     " its own pods)"
                 )
             )
-            found.append(Violation(f"{kind} namespace {ns!r} has no {want}", urns.get(ns)))
+            found.append(Violation(f"{kind} namespace {ns!r} lacks {want}", urns.get(ns)))
         if kind == "protected":
             for r, spec in in_ns:
                 for rule in _list(spec.get("egress")):

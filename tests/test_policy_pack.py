@@ -231,7 +231,7 @@ def test_a_protected_namespace_without_its_default_deny_egress_policy_fails() ->
     assert_fails(
         stack_of(pinned()).without(POLICY, "protected-team-a-egress"),
         "guarded-namespaces-isolated",
-        "protected namespace 'team-a' has no its default-deny egress NetworkPolicy",
+        "protected namespace 'team-a' lacks its default-deny egress NetworkPolicy",
     )
 
 
@@ -249,7 +249,7 @@ def test_the_relay_namespace_without_its_default_deny_fails() -> None:
     assert_fails(
         stack_of(dev()).without(POLICY, "relay-default-deny"),
         "guarded-namespaces-isolated",
-        "relay namespace 'tailscale-egress' has no a default-deny policy",
+        "relay namespace 'tailscale-egress' lacks a default-deny policy",
     )
 
 
@@ -480,7 +480,7 @@ def test_an_unknown_relay_spec_is_reported_as_unknown_not_as_a_violation_and_the
     assert advisory.policy == "images-pinned" and "can't be known during preview" in advisory.message
     # The stack policies still see everything else.
     weakened = stack.without(POLICY, "relay-default-deny")
-    assert_fails(weakened, "guarded-namespaces-isolated", "'tailscale-egress' has no")
+    assert_fails(weakened, "guarded-namespaces-isolated", "'tailscale-egress' lacks")
 
 
 # --- the pack as the engine starts it ---
