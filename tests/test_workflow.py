@@ -79,6 +79,7 @@ def test_it_previews_every_pull_request_with_diff_policy_pack_and_a_comment() ->
     assert step["with"]["diff"] is True
     assert step["with"]["comment-on-pr"] is True
     assert step["with"]["policyPacks"] == "policy"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", str(step["with"]["pulumi-version"])), "the CLI version is pinned"
     assert repo_path("policy", "PulumiPolicy.yaml").is_file()
 
 
