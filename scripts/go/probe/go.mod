@@ -1,0 +1,3 @@
+module tailscale-egress.invalid/probe
+
+go 1.26
