@@ -16,7 +16,13 @@ import pulumi
 import pulumi_tailscale as tailscale
 import yaml
 
-from builders.tailnet_policy import policy_problems, preflight_message
+from builders.tailnet_policy import (
+    UnsafePolicyError,
+    merged_policy,
+    policy_problems,
+    policy_warnings,
+    preflight_message,
+)
 from config import StackConfig
 
 # Set by tools/render.py: nothing is contacted, so nothing is checked but config.
@@ -176,9 +182,18 @@ def check_tailnet_policy(cfg: StackConfig) -> Mapping[str, Any] | None:
         )
         return None
     policy: Mapping[str, Any] = json.loads(tailscale.get_acl().json)
+    exit_tag, relay_tag = cfg.tailnet.exit_node_tag, cfg.tailnet.relay_tag
     if cfg.tailnet.manage_policy:
+        # Merging adds what is missing; a rule that opens the tailnet to the
+        # relay must be fixed by hand (its `tests` would fail, too).
+        try:
+            merged_policy(policy, exit_tag, relay_tag)
+        except UnsafePolicyError as err:
+            raise PreflightError(str(err)) from None
         return policy
-    problems = policy_problems(policy, cfg.tailnet.exit_node_tag, cfg.tailnet.relay_tag)
+    problems = policy_problems(policy, exit_tag, relay_tag)
     if problems:
-        raise PreflightError(preflight_message(problems, cfg.tailnet.exit_node_tag, cfg.tailnet.relay_tag))
+        raise PreflightError(preflight_message(problems, exit_tag, relay_tag))
+    for warning in policy_warnings(policy, exit_tag, relay_tag):
+        pulumi.log.warn(warning)
     return policy

@@ -1,55 +1,238 @@
-"""What the tailnet policy file must allow, checked before anything is built.
+"""What the tailnet policy file must allow, and must not, checked before
+anything is built.
+
+The relay's proxies send a tailnet address (100.64.0.0/10, fd7a:115c:a1e0::/48,
+a MagicDNS name) straight to the peer that owns it, past every NetworkPolicy
+(tailscale's net/tsdial). The tailnet policy is then the only thing between a
+pod and the laptop's own Tailscale address, every server of the tailnet and
+the exit node's services. So the relay's tag may reach `autogroup:internet`,
+through the stack's exit node, and nothing else; a policy that gives it more
+is refused, naming the rule.
 
 The stack never rewrites a shared tailnet's policy unless asked to
 (`tailnet.managePolicy`): by default it only reads the policy and, when
-something is missing, stops with the exact snippet to add.
+something is missing or too open, stops with the exact fix.
+
+Who a rule's `src` covers (Tailscale's policy syntax reference; Headscale's
+hscontrol/policy/v2 resolves them the same way): `*` is every device;
+`autogroup:tagged` every tagged device; `autogroup:danger-all` every address;
+an IP, CIDR, `hosts` alias or `ipset:` that overlaps the tailnet's ranges
+covers whichever device holds that address, the relay included. A tagged
+device has no user, so users, `group:`s (lists of users), `autogroup:member`,
+`autogroup:admin` and the like do not cover it. `srcPosture` only narrows a
+rule; it is not taken into account (a rule is judged as if it applied).
+`ssh` rules only say who may log in with Tailscale SSH where the network
+already lets them connect; they open no connection themselves and are not
+checked. A grant with `app` but no `ip` carries application capabilities
+only, no packets.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 Policy = dict[str, Any]
 
+INTERNET = "autogroup:internet"
+# Where Tailscale (and Headscale, by default) assigns device addresses.
+TAILNET_RANGES = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
+# Ports the managed policy's `tests` assert the relay cannot open on members'
+# devices and on the exit node: remote shells and desktops, web, databases.
+DENIED_PORTS = (22, 80, 443, 3389, 5432, 8080)
+# What the stack asked for before it routed through the exit node only; a
+# managed policy drops it in favour of the `via` grant.
+_LEGACY_GRANT_KEYS = ("src", "dst", "ip")
+
+
+def internet_grant(exit_node_tag: str, relay_tag: str) -> Policy:
+    """The relay may reach the internet, and only through this stack's exit
+    node (`via`): not through another exit node or subnet router of the tailnet."""
+    return {"src": [relay_tag], "dst": [INTERNET], "ip": ["*"], "via": [exit_node_tag]}
+
+
+def policy_tests(exit_node_tag: str, relay_tag: str) -> list[Policy]:
+    """Assertions Tailscale evaluates on every change of the policy file, so
+    that a later hand edit that opens members' devices or the exit node to
+    the relay is refused by Tailscale itself. An `accept` for the internet is
+    not expressible: `autogroup:internet` is not a valid test destination."""
+    return [
+        {
+            "src": relay_tag,
+            "deny": [f"{dst}:{port}" for dst in ("autogroup:member", exit_node_tag) for port in DENIED_PORTS],
+        }
+    ]
+
 
 def required_policy(exit_node_tag: str, relay_tag: str) -> Policy:
     """The entries this stack needs: tags it may assign, the relay's use of
-    exit nodes, and (where the stack manages the file) exit-route auto-approval."""
+    the exit node, the tests that keep the relay to that, and (where the
+    stack manages the file) exit-route auto-approval."""
     return {
         "tagOwners": {exit_node_tag: ["autogroup:admin"], relay_tag: ["autogroup:admin"]},
-        "grants": [{"src": [relay_tag], "dst": ["autogroup:internet"], "ip": ["*"]}],
+        "grants": [internet_grant(exit_node_tag, relay_tag)],
+        "tests": policy_tests(exit_node_tag, relay_tag),
         "autoApprovers": {"exitNode": [exit_node_tag]},
     }
 
 
-def _relay_may_use_internet(policy: Mapping[str, Any], relay_tag: str) -> bool:
-    for grant in policy.get("grants", []) or []:
-        srcs, dsts, ips = grant.get("src", []), grant.get("dst", []), grant.get("ip", [])
-        if (relay_tag in srcs or "*" in srcs) and ("autogroup:internet" in dsts or "*" in dsts) and "*" in ips:
+# ----------------------------------------------------------------- who is covered
+def _overlaps_tailnet(entry: str) -> bool:
+    try:
+        net = ipaddress.ip_network(entry.strip("[]"), strict=False)
+    except ValueError:
+        return False
+    return any(net.version == r.version and net.overlaps(r) for r in TAILNET_RANGES)
+
+
+def _covers_relay(entry: str, policy: Mapping[str, Any], relay_tag: str, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether the `src` entry `entry` includes the relay's device."""
+    if entry in seen:
+        return False
+    seen = seen | {entry}
+    if entry in ("*", relay_tag, "autogroup:tagged", "autogroup:danger-all"):
+        return True
+    if entry.startswith("group:"):
+        # Tailscale does not allow tags in groups; checked in case that changes.
+        return any(_covers_relay(m, policy, relay_tag, seen) for m in (policy.get("groups") or {}).get(entry) or [])
+    if entry.startswith("ipset:"):
+        members = (policy.get("ipsets") or {}).get(entry) or []
+        # `remove ...` entries are ignored: they cannot be shown to exclude the relay's address.
+        return any(
+            _covers_relay(m.removeprefix("add "), policy, relay_tag, seen)
+            for m in members
+            if " " not in m or m.startswith("add ")
+        )
+    if entry.startswith("host:"):
+        entry = entry.removeprefix("host:")
+    hosts = policy.get("hosts") or {}
+    if entry in hosts:
+        return _overlaps_tailnet(str(hosts[entry]))
+    return _overlaps_tailnet(entry)
+
+
+def _relay_entries(srcs: Iterable[str], policy: Mapping[str, Any], relay_tag: str) -> list[str]:
+    return [s for s in srcs if isinstance(s, str) and _covers_relay(s, policy, relay_tag)]
+
+
+def _acl_host(dst: str) -> str:
+    """The host part of an ACL destination `host:ports` (IPv6 as `[addr]:port`)."""
+    return dst.rsplit(":", 1)[0] if ":" in dst else dst
+
+
+# ----------------------------------------------------------------- findings
+@dataclass(frozen=True)
+class Offence:
+    """A rule that lets the relay reach more than the internet."""
+
+    section: str  # "acls", "grants", or "" for the whole file
+    index: int
+    rule: Mapping[str, Any]
+    relay_src: Sequence[str]
+    beyond: Sequence[str]
+
+    def describe(self, relay_tag: str) -> str:
+        if not self.section:
+            return (
+                'the policy file has neither "acls" nor "grants": Tailscale then allows every device to reach'
+                " every other device (the default allow-all policy), so a pod could reach any device of the"
+                ' tailnet through the relay. Fix: write explicit rules, e.g. {"grants": [{"src":'
+                ' ["autogroup:member"], "dst": ["*"], "ip": ["*"]}]} for your own devices, plus this stack\'s entries'
+            )
+        via = " (through " + ", ".join(f'"{s}"' for s in self.relay_src) + ")" if self.relay_src != [relay_tag] else ""
+        return (
+            f'{self.section}[{self.index}] lets "{relay_tag}"{via} reach '
+            + ", ".join(f'"{d}"' for d in self.beyond)
+            + ", more than the internet, so a pod could reach those devices through the relay: "
+            + json.dumps(self.rule)
+            + "."
+            + f' Fix: take "{relay_tag}" out of its src (e.g. "autogroup:member" instead of "*"),'
+            + f' or narrow its dst to "{INTERNET}", or delete the rule'
+        )
+
+
+def relay_offences(policy: Mapping[str, Any], relay_tag: str) -> list[Offence]:
+    """Every rule through which the relay's tag reaches beyond `autogroup:internet`."""
+    acls, grants = policy.get("acls"), policy.get("grants")
+    if acls is None and grants is None:
+        return [Offence("", 0, {}, [], ["*"])]
+    found: list[Offence] = []
+    for i, acl in enumerate(acls or []):
+        if not isinstance(acl, Mapping) or acl.get("action", "accept") != "accept":
+            continue
+        srcs = _relay_entries(acl.get("src", acl.get("users")) or [], policy, relay_tag)
+        beyond = [d for d in acl.get("dst", acl.get("ports")) or [] if _acl_host(str(d)) != INTERNET]
+        if srcs and beyond:
+            found.append(Offence("acls", i, acl, srcs, beyond))
+    for i, grant in enumerate(grants or []):
+        if not isinstance(grant, Mapping) or not grant.get("ip"):
+            continue  # app capabilities only: no network access
+        srcs = _relay_entries(grant.get("src") or [], policy, relay_tag)
+        beyond = [d for d in grant.get("dst") or [] if d != INTERNET]
+        if srcs and beyond:
+            found.append(Offence("grants", i, grant, srcs, beyond))
+    return found
+
+
+def _relay_may_use_exit_node(policy: Mapping[str, Any], exit_node_tag: str, relay_tag: str) -> bool:
+    for grant in policy.get("grants") or []:
+        if not isinstance(grant, Mapping):
+            continue
+        srcs, dsts, ips = grant.get("src") or [], grant.get("dst") or [], grant.get("ip") or []
+        via = grant.get("via")
+        # A grant `via` other routers does not let the relay use this stack's exit node.
+        through_ours = not via or exit_node_tag in via
+        if (
+            _relay_entries(srcs, policy, relay_tag)
+            and (INTERNET in dsts or "*" in dsts)
+            and "*" in ips
+            and through_ours
+        ):
             return True
-    for acl in policy.get("acls", []) or []:
-        srcs, dsts = acl.get("src", []), acl.get("dst", [])
-        to_internet = "autogroup:internet:*" in dsts or "*:*" in dsts
-        if acl.get("action") == "accept" and (relay_tag in srcs or "*" in srcs) and to_internet:
+    for acl in policy.get("acls") or []:
+        if not isinstance(acl, Mapping):
+            continue
+        srcs, dsts = acl.get("src", acl.get("users")) or [], acl.get("dst", acl.get("ports")) or []
+        to_internet = f"{INTERNET}:*" in dsts or "*:*" in dsts
+        if acl.get("action") == "accept" and _relay_entries(srcs, policy, relay_tag) and to_internet:
             return True
     return False
 
 
 def policy_problems(policy: Mapping[str, Any], exit_node_tag: str, relay_tag: str) -> list[str]:
-    """What `policy` lacks for this stack; [] when it has everything."""
+    """What `policy` lacks for this stack, and every rule that gives the relay
+    more than the internet; [] when it is right."""
     problems = []
     owners = policy.get("tagOwners", {}) or {}
     for tag in (exit_node_tag, relay_tag):
         if tag not in owners:
             problems.append(f'tagOwners has no "{tag}": auth keys with that tag cannot be created')
-    if not _relay_may_use_internet(policy, relay_tag):
+    if not _relay_may_use_exit_node(policy, exit_node_tag, relay_tag):
         problems.append(
-            f'no grant lets "{relay_tag}" reach "autogroup:internet": the relay could not use the exit node'
+            f'no grant lets "{relay_tag}" reach "{INTERNET}" via "{exit_node_tag}":'
+            " the relay could not use the exit node"
         )
+    problems += [o.describe(relay_tag) for o in relay_offences(policy, relay_tag)]
     return problems
+
+
+def policy_warnings(policy: Mapping[str, Any], exit_node_tag: str, relay_tag: str) -> list[str]:
+    """Acceptable but looser than the stack asks: the relay may use other exit nodes."""
+    if any(
+        isinstance(g, Mapping)
+        and exit_node_tag in (g.get("via") or [])
+        and _relay_entries(g.get("src") or [], policy, relay_tag)
+        for g in policy.get("grants") or []
+    ):
+        return []
+    return [
+        f'the relay\'s way to "{INTERNET}" is not limited to "{exit_node_tag}" (no grant with "via"): it may use'
+        f" any exit node of the tailnet. Prefer the grant {json.dumps(internet_grant(exit_node_tag, relay_tag))}"
+    ]
 
 
 def preflight_message(problems: list[str], exit_node_tag: str, relay_tag: str) -> str:
@@ -58,23 +241,49 @@ def preflight_message(problems: list[str], exit_node_tag: str, relay_tag: str) -
     return (
         "the tailnet policy file does not allow this stack yet:\n  - "
         + "\n  - ".join(problems)
-        + "\nAdd these entries to the policy file (admin console, Access controls), then run `pulumi up` again:\n"
+        + "\nThe relay's tag must reach the internet through the exit node, and nothing else."
+        + " Add these entries to the policy file (admin console, Access controls), then run `pulumi up` again:\n"
         + json.dumps(snippet, indent=2)
         + "\nOr let this stack manage the whole policy file: pulumi config set --path tailnet.managePolicy true"
+        + " (it refuses a policy with rules like the ones above, too)"
     )
 
 
+class UnsafePolicyError(ValueError):
+    """The current policy gives the relay more than the internet: merging our
+    entries into it would write a file whose `tests` fail."""
+
+
 def merged_policy(current: Mapping[str, Any], exit_node_tag: str, relay_tag: str) -> Policy:
-    """`current` with this stack's entries added (idempotent, nothing removed)."""
+    """`current` with this stack's entries added (idempotent; only the
+    stack's own earlier grant without `via` is replaced).
+
+    Raises UnsafePolicyError when a rule of `current` lets the relay reach more
+    than the internet: Tailscale would reject the file for its `tests`, and
+    the rule is a way around the isolation either way.
+    """
+    offences = relay_offences(current, relay_tag)
+    if offences:
+        raise UnsafePolicyError(
+            "refusing to manage the tailnet policy file: "
+            + "; ".join(o.describe(relay_tag) for o in offences)
+            + "\nFix the policy file by hand (admin console, Access controls), then run `pulumi up` again."
+        )
     merged: Policy = copy.deepcopy(dict(current))
     needed = required_policy(exit_node_tag, relay_tag)
     owners = merged.setdefault("tagOwners", {})
     for tag, tag_owners in needed["tagOwners"].items():
         owners.setdefault(tag, tag_owners)
-    grants = merged.setdefault("grants", [])
+    legacy = {k: v for k, v in internet_grant(exit_node_tag, relay_tag).items() if k in _LEGACY_GRANT_KEYS}
+    grants = [g for g in merged.get("grants") or [] if g != legacy]
     for grant in needed["grants"]:
         if grant not in grants:
             grants.append(grant)
+    merged["grants"] = grants
+    tests = merged.setdefault("tests", [])
+    for test in needed["tests"]:
+        if test not in tests:
+            tests.append(test)
     approvers = merged.setdefault("autoApprovers", {}).setdefault("exitNode", [])
     if exit_node_tag not in approvers:
         approvers.append(exit_node_tag)
