@@ -65,7 +65,9 @@ def guard_script() -> str:
     interface and is put back first in INPUT whenever tailscaled starts,
     while a DROP in mangle INPUT comes earlier and is final. Idempotent."""
     rules = (
-        f"-A TSE-GUARD -i {TAILNET_INTERFACE} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
+        # Only replies to connections the VM opened: --ctdir REPLY. A connection
+        # from the tailnet that was open before the rules is cut, not kept.
+        f"-A TSE-GUARD -i {TAILNET_INTERFACE} -m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j RETURN",
         f"-A TSE-GUARD -i {TAILNET_INTERFACE} -j DROP",
     )
     body = "\n".join(f'  "$ipt" -w -t mangle {rule}' for rule in rules)

@@ -243,6 +243,6 @@ class TestServesNothing:
         assert "for ipt in iptables ip6tables; do" in script
         assert '"$ipt" -w -t mangle -I INPUT 1 -j TSE-GUARD' in script
         # Replies to the VM's own connections (apt, DNS through quad-100) come back on tailscale0.
-        ret = script.index("--ctstate ESTABLISHED,RELATED -j RETURN")
+        ret = script.index("--ctstate ESTABLISHED,RELATED --ctdir REPLY -j RETURN")
         assert ret < script.index("-i tailscale0 -j DROP")
         assert "iptables" in doc["packages"]
