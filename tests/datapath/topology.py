@@ -402,6 +402,8 @@ class Topology:
         self.relay_authkey = ""
         self.relay_policy_applied = False
         self.exit_authkey = ""
+        # A Headscale policy file (HuJSON) for start_control; None: no policy (allow-all).
+        self.hs_policy_path: Path | None = None
 
     # ---------------------------------------------------------------- basics
     def ns(self, role: str) -> str:
@@ -685,7 +687,7 @@ class Topology:
             "tls_cert_path": str(self.workdir / "control.crt"),
             "tls_key_path": str(self.workdir / "control.key"),
             "log": {"level": "info", "format": "text"},
-            "policy": {"mode": "file", "path": ""},
+            "policy": {"mode": "file", "path": str(self.hs_policy_path or "")},
             "dns": {
                 "magic_dns": True,
                 "base_domain": "tailnet.test",
@@ -779,7 +781,7 @@ class Topology:
                 str(self.bin / "tailscaled"),
                 f"--statedir={d}",
                 f"--socket={d / 'tailscaled.sock'}",
-                "--tun=tse0",
+                "--tun=tailscale0",  # as on the VM: its cloud-init guard names it
                 "--port=41641",
                 "--no-logs-no-support",
             ],
@@ -828,6 +830,107 @@ class Topology:
     def stop_exit(self) -> int | None:
         p = self.procs.get("exit-tailscaled")
         return p.stop() if p else None
+
+    # ---------------------------------------------------------------- more tailnet nodes
+    def tagged_preauth_key(self, tags: Sequence[str], ephemeral: bool, reusable: bool = True) -> str:
+        """A key whose nodes join tagged (owned by the tags, not the user), as
+        the stack's Tailscale keys are."""
+        args = ["preauthkeys", "create", "--user", self.user_id(), "--expiration", "2h", "--tags", ",".join(tags)]
+        if reusable:
+            args.append("--reusable")
+        if ephemeral:
+            args.append("--ephemeral")
+        out = self.hs(*args)
+        key = out.get("key") if isinstance(out, dict) else str(out)
+        if not key:
+            raise TopologyError(f"no preauth key in {out!r}")
+        return str(key)
+
+    def add_leaf(self, role: str, subnet: str, leaf: str) -> None:
+        """One more namespace on its own link to the router (like create() does)."""
+        self._host(["ip", "netns", "add", self.ns(role)])
+        self.namespaces.append(self.ns(role))
+        etc = Path("/etc/netns") / self.ns(role)
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
+        self.run(role, ["ip", "link", "set", "lo", "up"])
+        net = ipaddress.ip_network(subnet)
+        gw = str(next(net.hosts()))
+        rt_if = f"v-{role}"
+        self._host(
+            [
+                "ip",
+                "link",
+                "add",
+                rt_if,
+                "netns",
+                self.ns(ROUTER),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                self.ns(role),
+            ]
+        )
+        self.run(ROUTER, ["ip", "addr", "add", f"{gw}/{net.prefixlen}", "dev", rt_if])
+        self.run(ROUTER, ["ip", "link", "set", rt_if, "up"])
+        self.run(role, ["ip", "addr", "add", f"{leaf}/{net.prefixlen}", "dev", "eth0"])
+        self.run(role, ["ip", "link", "set", "eth0", "up"])
+        self.run(role, ["ip", "route", "add", "default", "via", gw])
+
+    def ts(self, role: str, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """`tailscale` against the tailscaled of namespace `role` (see start_tailnet_node)."""
+        sock = self.workdir / role / "tailscaled.sock"
+        return self.run(
+            role,
+            [str(self.bin / "tailscale"), f"--socket={sock}", *args],
+            check=check,
+            timeout=timeout,
+            env=self.exit_env(),
+        )
+
+    def start_tailnet_node(self, role: str, subnet: str, leaf: str, authkey: str) -> str:
+        """A plain tailnet device (tailscaled, kernel TUN) in a namespace of its
+        own, e.g. the laptop; returns its tailnet IPv4."""
+        self.add_leaf(role, subnet, leaf)
+        d = self.workdir / role
+        d.mkdir(exist_ok=True)
+        p = self.spawn(
+            role,
+            f"{role}-tailscaled",
+            [str(self.bin / "tailscaled"), f"--statedir={d}", f"--socket={d / 'tailscaled.sock'}", "--tun=tailscale0"],
+            env={**os.environ, **self.exit_env()},
+        )
+        wait_for(f"{role} tailscaled socket", lambda: (d / "tailscaled.sock").exists() or not p.alive(), 20)
+        if not p.alive():
+            raise TopologyError(f"{role} tailscaled exited:\n{p.tail()}")
+        self.ts(
+            role,
+            "up",
+            f"--login-server={LOGIN_SERVER}",
+            f"--authkey={authkey}",
+            f"--hostname={role}",
+            "--accept-dns=false",
+            timeout=60,
+        )
+        return self.ts(role, "ip", "-4").stdout.strip()
+
+    def start_listener(self, role: str, name: str, addr: str, port: int) -> Proc:
+        """A plain HTTP echo server at addr:port in `role`; connections(name) lists its peers."""
+        log = self.workdir / f"{name}-connections.jsonl"
+        log.touch()
+        p = self.spawn(
+            role,
+            f"listener-{name}",
+            [sys.executable, str(HERE / "echo_server.py"), "--addr", addr, "--http-port", str(port), "--log", str(log)],
+        )
+        wait_for(f"listener {name}", lambda: "ready" in p.log.read_text() or not p.alive(), 15)
+        if not p.alive():
+            raise TopologyError(f"listener {name} exited:\n{p.tail()}")
+        return p
 
     # ---------------------------------------------------------------- render
     def render(self, exit_ip: str, extra_config: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:

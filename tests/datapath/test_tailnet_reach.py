@@ -1,0 +1,247 @@
+"""Issue 8, points 1 and 2: what the relay can reach on the tailnet, with the
+real programs (headscale v0.29, tailscaled/containerboot v1.102.5).
+
+The relay's proxies hand a tailnet address to the peer that owns it
+(net/tsdial), past every NetworkPolicy: only the tailnet policy stands between
+a pod and the other devices. A "laptop" (tailscaled in a namespace of its
+own, a user's device, with a listener on its tailnet address) and listeners
+on the exit node's own addresses show:
+
+- with an allow-all policy (Headscale without a policy file, as Tailscale's
+  default policy), the workload reaches the laptop and the exit node's
+  services through the relay: the way around this issue closes;
+- with the policy the stack writes (builders/tailnet_policy.merged_policy,
+  which Headscale v0.29 enforces as written: `grants` with `via`,
+  `autogroup:internet`, `tests`), the laptop and the exit node's tailnet
+  address are out of reach and the internet is not; Headscale evaluates the
+  policy's `tests` against the real nodes and refuses a hand edit that opens
+  the tailnet to the relay;
+- the exit node's public address is part of autogroup:internet, so the
+  policy cannot close it: the guard the exit node's cloud-init installs,
+  run here as the document carries it, does, and keeps doing so across a
+  tailscaled restart.
+
+The relay runs with its rendered egress NetworkPolicy enforced throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from builders.tailnet_policy import merged_policy
+from config import StackConfig
+
+# As a module: its test classes must not be collected here again.
+from tests import test_cloud_init
+
+from .topology import ECHO_NAME, EXIT_PUBLIC_IP, HS_USER, Topology, TopologyError, wait_for
+
+pytestmark = pytest.mark.datapath
+
+TAILNET = StackConfig().tailnet
+EXIT_TAG, RELAY_TAG = TAILNET.exit_node_tag, TAILNET.relay_tag
+LAPTOP_LINK = ("192.168.88.0/24", "192.168.88.10")  # the laptop's own home network
+SERVICE_PORT = 8022  # "sshd": anything listening on a device's own address
+ECHO_IP_URL = f"https://{ECHO_NAME}/ip"
+TRY = 6.0  # seconds a request that must fail is given
+
+
+def stack_policy_for_headscale() -> dict[str, Any]:
+    """The policy the stack writes on a tailnet that allows nothing yet, in
+    Headscale's terms: tag owners are the one user (Headscale has no
+    autogroup:admin); grants, `via`, `tests` and autoApprovers as written."""
+    policy = merged_policy({"grants": []}, EXIT_TAG, RELAY_TAG)
+    policy["tagOwners"] = {tag: [f"{HS_USER}@"] for tag in policy["tagOwners"]}
+    return policy
+
+
+class Tailnet:
+    """A running topology with the laptop and listeners on every device address."""
+
+    def __init__(self, t: Topology, laptop_ip: str, exit_ip: str) -> None:
+        self.t, self.laptop_ip, self.exit_ip = t, laptop_ip, exit_ip
+
+    def relay_ip(self) -> str:
+        p = self.t.in_relay(["tailscale", "--socket=/tmp/tailscaled.sock", "ip", "-4"])
+        return p.stdout.strip()
+
+    def through(self, url: str, timeout: float = TRY) -> dict[str, str | None]:
+        """{proxy: body or None} for one GET through each of the relay's proxies."""
+        out: dict[str, str | None] = {}
+        for proxy in (self.t.http_proxy(), self.t.socks_proxy()):
+            p = self.t.curl(url, proxy=proxy, timeout=timeout)
+            out[proxy] = p.stdout.strip() if p.returncode == 0 else None
+        return out
+
+    def services(self) -> dict[str, str]:
+        return {
+            "laptop": f"http://{self.laptop_ip}:{SERVICE_PORT}/ip",
+            "exit-tailnet": f"http://{self.exit_ip}:{SERVICE_PORT}/ip",
+            "exit-public": f"http://{EXIT_PUBLIC_IP}:{SERVICE_PORT}/ip",
+        }
+
+    def reached(self) -> dict[str, list[str]]:
+        """For each device service: the proxies through which the workload got an answer."""
+        return {name: [p for p, body in self.through(url).items() if body] for name, url in self.services().items()}
+
+    def internet_ok(self) -> None:
+        def ok() -> bool:
+            return all(body == EXIT_PUBLIC_IP for body in self.through(ECHO_IP_URL, timeout=8).values())
+
+        wait_for("the internet through both proxies, seen from the exit node", ok, 60, interval=1)
+
+
+def wait_addr(t: Topology, role: str, ip: str) -> None:
+    wait_for(
+        f"{ip} on {role}'s tailscale0", lambda: ip in t.run(role, ["ip", "-4", "addr", "show", "tailscale0"]).stdout, 20
+    )
+
+
+def start_tailnet(workdir: Path, bin_dir: Path, policy: dict[str, Any] | None) -> Tailnet:
+    t = Topology(workdir, bin_dir)
+    try:
+        t.create()
+        if policy is not None:
+            t.hs_policy_path = workdir / "policy.hujson"
+            t.hs_policy_path.write_text(json.dumps(policy, indent=2))
+        t.start_echo("internet")
+        t.start_echo("lan")
+        t.start_control()
+        # Tagged, as the stack's keys are: the policy speaks of the tags.
+        t.exit_authkey = t.tagged_preauth_key([EXIT_TAG], ephemeral=True, reusable=False)
+        t.relay_authkey = t.tagged_preauth_key([RELAY_TAG], ephemeral=True)
+        exit_ip = t.start_exit()
+        laptop_ip = t.start_tailnet_node("laptop", *LAPTOP_LINK, authkey=t.preauth_key(ephemeral=True))
+        t.load_relay(t.render(exit_ip))
+        t.apply_relay_policy()
+        t.start_relay()
+        t.wait_relay_ready()
+        for role, ip in (("laptop", laptop_ip), ("exit", exit_ip)):
+            wait_addr(t, role, ip)
+        t.start_listener("laptop", "laptop", laptop_ip, SERVICE_PORT)
+        t.start_listener("exit", "exit-tailnet", exit_ip, SERVICE_PORT)
+        t.start_listener("exit", "exit-public", EXIT_PUBLIC_IP, SERVICE_PORT)
+        net = Tailnet(t, laptop_ip, exit_ip)
+        net.internet_ok()
+        return net
+    except BaseException:
+        t.close()
+        raise
+
+
+@pytest.fixture(scope="class")
+def open_tailnet(bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tailnet]:
+    net = start_tailnet(tmp_path_factory.mktemp("open"), bin_dir, policy=None)
+    try:
+        yield net
+    finally:
+        net.t.close()
+
+
+@pytest.fixture(scope="class")
+def stack_tailnet(bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tailnet]:
+    net = start_tailnet(tmp_path_factory.mktemp("stack"), bin_dir, policy=stack_policy_for_headscale())
+    try:
+        yield net
+    finally:
+        net.t.close()
+
+
+def guard_script() -> str:
+    """The exit node guard exactly as the rendered cloud-init document carries it."""
+    _, _, script = test_cloud_init.TestServesNothing.guard(yaml.safe_load(test_cloud_init.from_builder()))
+    return script
+
+
+def apply_guard(t: Topology) -> None:
+    t.run("exit", ["sh", "-c", guard_script()])
+
+
+def hs_policy_check(t: Topology, policy: dict[str, Any]) -> tuple[int, str]:
+    """`headscale policy check`: parses `policy` and runs its tests against the live nodes."""
+    path = t.workdir / f"check-{time.monotonic_ns()}.hujson"
+    path.write_text(json.dumps(policy, indent=2))
+    p = t.run(
+        "control",
+        [str(t.bin / "headscale"), "-c", str(t.hs_config), "policy", "check", "--file", str(path)],
+        check=False,
+    )
+    return p.returncode, p.stdout + p.stderr
+
+
+# --------------------------------------------------------------- allow-all: the way around, documented
+class TestAllowAllPolicy:
+    def test_the_workload_reaches_the_laptop_and_the_exit_nodes_services(self, open_tailnet: Tailnet) -> None:
+        """Today's behaviour on a default (allow-all) tailnet: the bypass this issue closes."""
+        net = open_tailnet
+        both = [net.t.http_proxy(), net.t.socks_proxy()]
+        assert net.reached() == {"laptop": both, "exit-tailnet": both, "exit-public": both}
+        # The laptop saw the relay's own tailnet address: WireGuard to the peer, not via the exit node.
+        assert net.relay_ip() in {c["peer"] for c in net.t.connections("laptop")}
+
+    def test_the_exit_node_guard_closes_its_services_whatever_the_policy(self, open_tailnet: Tailnet) -> None:
+        net = open_tailnet
+        apply_guard(net.t)
+        apply_guard(net.t)  # idempotent: boot and cloud-init both run it
+        before = len(net.t.connections("exit-tailnet")) + len(net.t.connections("exit-public"))
+        reached = net.reached()
+        assert reached["exit-tailnet"] == [] and reached["exit-public"] == [], reached
+        assert len(net.t.connections("exit-tailnet")) + len(net.t.connections("exit-public")) == before
+        # The policy still lets the relay reach the laptop: only the policy can close that.
+        assert reached["laptop"] != []
+        net.internet_ok()
+
+
+# --------------------------------------------------------------- the stack's policy
+class TestStackPolicy:
+    def test_the_laptop_and_the_exit_nodes_tailnet_address_are_out_of_reach(self, stack_tailnet: Tailnet) -> None:
+        net = stack_tailnet
+        before = len(net.t.connections("laptop"))
+        reached = net.reached()
+        assert reached["laptop"] == [] and reached["exit-tailnet"] == [], reached
+        assert len(net.t.connections("laptop")) == before, "the laptop saw a connection"
+        net.internet_ok()
+
+    def test_headscale_runs_the_policys_tests_and_refuses_an_edit_that_opens_the_tailnet(
+        self, stack_tailnet: Tailnet
+    ) -> None:
+        t = stack_tailnet.t
+        policy = stack_policy_for_headscale()
+        rc, out = hs_policy_check(t, policy)
+        assert rc == 0, out
+        opened = json.loads(json.dumps(policy))
+        opened["grants"].append({"src": [RELAY_TAG], "dst": ["*"], "ip": ["*"]})
+        rc, out = hs_policy_check(t, opened)
+        assert rc != 0, f"headscale accepted a policy that opens the tailnet to the relay:\n{out}"
+        assert f"{RELAY_TAG} -> autogroup:member:22" in out and "expected DENIED, got ALLOWED" in out, out
+        assert f"{RELAY_TAG} -> {EXIT_TAG}:22" in out, out
+
+    def test_the_exit_nodes_public_address_needs_the_guard_which_survives_a_restart(
+        self, stack_tailnet: Tailnet
+    ) -> None:
+        """The VM's public address is part of autogroup:internet: the policy lets
+        it through, and packets to it arrive on tailscale0 and are delivered locally."""
+        net = stack_tailnet
+        both = [net.t.http_proxy(), net.t.socks_proxy()]
+        assert net.reached()["exit-public"] == both, "expected today's way around: the VM's own public address"
+        apply_guard(net.t)
+        before = len(net.t.connections("exit-public"))
+        assert net.reached()["exit-public"] == []
+        net.internet_ok()
+        # tailscaled re-creates its own chains (ts-input accepts tailscale0) when it starts.
+        net.t.stop_exit()
+        net.t.start_exit_daemon()
+        wait_addr(net.t, "exit", net.exit_ip)
+        net.internet_ok()
+        rules = net.t.run("exit", ["iptables", "-S", "ts-input"], check=False).stdout
+        if "-i tailscale0 -j ACCEPT" not in rules:
+            raise TopologyError(f"tailscaled did not install its ts-input accept; nothing was shown:\n{rules}")
+        assert net.reached()["exit-public"] == []
+        assert len(net.t.connections("exit-public")) == before
