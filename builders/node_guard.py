@@ -16,13 +16,17 @@ can pre-empt them:
 - from the pod range, new TCP/UDP to the node's own addresses (any address
   type LOCAL, whatever interface) on the NodePort range is dropped.
 
-The rules must go into the iptables backend the node's kube-router uses
-(legacy or nft): the script detects it as Kubernetes' iptables-wrapper and
-k3s-root's iptables-detect.sh do (the chains kube-router and the kubelet
-create, then which backend holds more rules) and calls `iptables-legacy`/
-`iptables-nft` explicitly. The tailscale image (Alpine) ships both, with
-plain `iptables` linked to legacy (tailscale issue 17854): never trust plain
-`iptables`.
+The rules go into the iptables backend the node's kube-router uses (legacy
+or nft): the other one may be missing from the node's kernel (nft-only
+kernels have no ip_tables), and rules split across backends are invisible to
+whoever lists the node's rules with the node's own `iptables`. (Where a kernel
+has both, a DROP in either still drops: both register their hooks; the data
+path tests show it.) The script detects the backend as Kubernetes'
+iptables-wrapper and k3s-root's iptables-detect.sh do (the chains
+kube-router and the kubelet create, then which backend holds more rules) and
+calls `iptables-legacy`/`iptables-nft` explicitly. The tailscale image
+(Alpine 3.22) ships both, with plain `iptables` linked to legacy (tailscale
+issue 17854): plain `iptables` is never used.
 
 Everything here is plain data; components/node_guard.py applies it.
 """

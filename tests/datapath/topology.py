@@ -1128,6 +1128,102 @@ class Topology:
     def http_proxy(self) -> str:
         return f"http://{RELAY_IP}:{_port_of(self._spec().env['TS_OUTBOUND_HTTP_PROXY_LISTEN'])}"
 
+    # ---------------------------------------------------------------- kube-router on the node
+    # The router namespace is the node. These stand in for k3s' kube-router
+    # (v2.6 pkg/controllers/netpol) filtering the workload pod: its top-level
+    # chains first in INPUT and FORWARD, the pod's firewall chain, and in it,
+    # before the pod's policies, KUBE-NWPLCY-COMMON with its unconditional
+    # ICMP accepts; KUBE-ROUTER-INPUT RETURNs the node's own NodePorts first.
+    KUBE_ROUTER_SERVICE_CIDR = "10.43.0.0/16"
+    KUBE_ROUTER_NODE_PORTS = "30000:32767"
+
+    @staticmethod
+    def workload_policy_rules(objs: list[dict[str, Any]], namespace: str = "default") -> list[list[str]]:
+        """The rendered egress NetworkPolicies of the workload's namespace as
+        chain KUBE-NWPLCY-WORKLOAD: a peer selecting the relay is RELAY_IP, one
+        selecting this namespace's pods the workload's link, an ipBlock itself;
+        selectors of pods this topology does not have (kube-dns) match nothing."""
+        relay = _find_relay(objs)
+        relay_ns = relay.get("metadata", {}).get("namespace", "default")
+        relay_labels = relay["spec"]["template"].get("metadata", {}).get("labels") or {}
+        pols = [
+            o
+            for o in objs
+            if o.get("kind") == "NetworkPolicy"
+            and o.get("metadata", {}).get("namespace", "default") == namespace
+            and "Egress" in (o["spec"].get("policyTypes") or [])
+        ]
+        if not pols:
+            raise TopologyError(f"render has no egress NetworkPolicy in namespace {namespace}")
+        chain = "KUBE-NWPLCY-WORKLOAD"
+        out: list[list[str]] = [["-N", chain]]
+        n = 0
+        for pol in pols:
+            for rule in pol["spec"].get("egress") or []:
+                dests: list[tuple[str, list[str]]] = []
+                for peer in rule.get("to") or [{"ipBlock": {"cidr": "0.0.0.0/0"}}]:
+                    if "ipBlock" in peer:
+                        dests.append((peer["ipBlock"]["cidr"], list(peer["ipBlock"].get("except") or [])))
+                    elif "namespaceSelector" in peer:
+                        in_relay_ns = _selector_matches(
+                            peer["namespaceSelector"], {"kubernetes.io/metadata.name": relay_ns}
+                        )
+                        if in_relay_ns and _selector_matches(peer.get("podSelector") or {}, relay_labels):
+                            dests.append((f"{RELAY_IP}/32", []))
+                    elif "podSelector" in peer and namespace == "default":
+                        dests.append((LINKS["workload"][0], []))
+                ports: list[tuple[str | None, str | None]] = []
+                for p in rule.get("ports") or []:
+                    port = p.get("port")
+                    rng = f"{port}:{p['endPort']}" if p.get("endPort") else (None if port is None else str(port))
+                    ports.append((str(p.get("protocol", "TCP")).lower(), rng))
+                for cidr, excepts in dests:
+                    if ipaddress.ip_network(cidr, strict=False).version != 4:
+                        continue  # the topology is IPv4 only
+                    n += 1
+                    sub = f"KUBE-NWPLCY-WL{n}"
+                    out += [["-N", sub], ["-A", chain, "-d", cidr, "-j", sub]]
+                    out += [["-A", sub, "-d", ex, "-j", "RETURN"] for ex in excepts]
+                    for proto, port in ports or [(None, None)]:
+                        r = ["-A", sub] + (["-p", proto] if proto else []) + (["--dport", port] if port else [])
+                        out.append([*r, "-j", "ACCEPT"])
+        return out
+
+    def kube_router_rules(self, objs: list[dict[str, Any]]) -> list[list[str]]:
+        pod_fw = "KUBE-POD-FW-WORKLOAD"
+        local_node_ports = ["-m", "addrtype", "--dst-type", "LOCAL", "-m", "multiport"]
+        local_node_ports += ["--dports", self.KUBE_ROUTER_NODE_PORTS, "-j", "RETURN"]
+        return [
+            ["-N", "KUBE-ROUTER-INPUT"],
+            ["-N", "KUBE-ROUTER-FORWARD"],
+            ["-N", "KUBE-NWPLCY-COMMON"],
+            ["-N", pod_fw],
+            *self.workload_policy_rules(objs),
+            ["-A", "KUBE-NWPLCY-COMMON", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
+            ["-A", "KUBE-NWPLCY-COMMON", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+            *(
+                ["-A", "KUBE-NWPLCY-COMMON", "-p", "icmp", "--icmp-type", t, "-j", "ACCEPT"]
+                for t in ("echo-request", "destination-unreachable", "time-exceeded")
+            ),
+            ["-A", pod_fw, "-j", "KUBE-NWPLCY-COMMON"],
+            ["-A", pod_fw, "-j", "KUBE-NWPLCY-WORKLOAD"],
+            ["-A", pod_fw, "-j", "REJECT"],
+            ["-A", "KUBE-ROUTER-INPUT", "-d", self.KUBE_ROUTER_SERVICE_CIDR, "-j", "RETURN"],
+            ["-A", "KUBE-ROUTER-INPUT", "-p", "tcp", *local_node_ports],
+            ["-A", "KUBE-ROUTER-INPUT", "-p", "udp", *local_node_ports],
+            ["-A", "KUBE-ROUTER-INPUT", "-s", WORKLOAD_IP, "-j", pod_fw],
+            ["-A", "KUBE-ROUTER-FORWARD", "-s", WORKLOAD_IP, "-j", pod_fw],
+            ["-I", "INPUT", "1", "-j", "KUBE-ROUTER-INPUT"],
+            ["-I", "FORWARD", "1", "-j", "KUBE-ROUTER-FORWARD"],
+        ]
+
+    def apply_kube_router(self, objs: list[dict[str, Any]], iptables: str = "iptables") -> list[list[str]]:
+        """Filter the workload on the node as kube-router does (rendered policies)."""
+        rules = self.kube_router_rules(objs)
+        for r in rules:
+            self.run(ROUTER, [iptables, *r])
+        return rules
+
     # ---------------------------------------------------------------- close
     def close(self) -> None:
         for p in reversed(list(self.procs.values())):
