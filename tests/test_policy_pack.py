@@ -509,8 +509,8 @@ def test_the_pack_process_serves_every_policy_and_fails_a_weak_key_over_grpc(com
     )
     try:
         assert pack.stdout is not None
-        ready, _, _ = select.select([pack.stdout], [], [], 30)
-        assert ready, "the pack printed no port within 30 s"
+        ready, _, _ = select.select([pack.stdout], [], [], 60)
+        assert ready, "the pack printed no port within 60 s"
         port = int(pack.stdout.readline())
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = analyzer_pb2_grpc.AnalyzerStub(channel)
