@@ -72,6 +72,24 @@ bench-datapath: venv datapath-bins ## time the real data path
 	bash scripts/install-test-tools.sh --datapath
 	$(PY) tools/bench_datapath.py
 
+# A real single-node cluster (Linux, root, cgroup v1) in the data-path
+# topology: kubelet, containerd, kube-proxy, kube-router (k3s's fork) and
+# CoreDNS; build/cluster/kubeconfig, context tailscale-egress-e2e.
+.PHONY: cluster-bins cluster-up cluster-down test-cluster
+cluster-bins: ## build kube-router, CoreDNS, the probe, pause and the node's images into the cache
+	bash scripts/build-cluster-bins.sh
+
+cluster-up: venv ## build or reuse, then start the single-node cluster and print what runs where
+	bash scripts/install-test-tools.sh --cluster
+	$(PY) -m tests.support.cluster_env up
+
+cluster-down: venv ## stop everything cluster-up started (processes, mounts, namespaces, cgroups)
+	$(PY) -m tests.support.cluster_env down
+
+test-cluster: venv ## the cluster's smoke tests (starts and stops its own cluster unless one is up)
+	bash scripts/install-test-tools.sh --cluster
+	$(PY) -m pytest -m cluster tests/cluster -v
+
 # The policy pack's own virtualenv (PulumiPolicy.yaml: virtualenv venv), which
 # the engine runs the pack in.
 POLICY_VENV := policy/venv

@@ -376,8 +376,10 @@ def netpol_to_iptables(policies: Sequence[Mapping[str, Any]]) -> dict[int, list[
 
 
 class Topology:
-    def __init__(self, workdir: Path, bin_dir: Path) -> None:
-        self.run_id = f"{os.getpid()}x{secrets.token_hex(2)}"
+    def __init__(self, workdir: Path, bin_dir: Path, run_id: str | None = None) -> None:
+        # A run_id that is not "<pid>x<hex>" (the cluster's) is never reaped
+        # by reap_stale: it outlives the process that created it.
+        self.run_id = run_id or f"{os.getpid()}x{secrets.token_hex(2)}"
         self.prefix = f"{NS_TAG}{self.run_id}-"
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,45 @@
+"""The real single-node cluster, shared by every test of a run.
+
+A cluster already up (`make cluster-up`) is used as it is and left running;
+otherwise the session starts one (building what is missing) and stops it at
+the end. Prerequisites missing (not root, no containerd...): the tests are
+skipped with the reason, except under CI=true, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import urllib3
+
+from tests.support.cluster_env import Cluster, ClusterError, build_all, missing_artifacts, missing_prerequisites
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"cluster tests cannot run under CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    missing = missing_prerequisites()
+    if missing:
+        _unavailable("; ".join(missing) + " (make cluster-up shows how)")
+    urllib3.disable_warnings()
+    c = Cluster()
+    if c.is_up():
+        yield c
+        return
+    try:
+        if missing_artifacts(c.bin):
+            build_all()
+        c.up()
+    except ClusterError as e:
+        _unavailable(f"cannot start the cluster: {e}")
+    try:
+        yield c
+    finally:
+        c.down()
