@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from builders.node_guard import guard_namespace
 from tests.stacks import kube_objects
 from tools.mockstack import Evaluation
 
@@ -65,7 +66,8 @@ def cluster_for(evaluation: Evaluation) -> Cluster:
     stack_namespaces = {
         n["metadata"]["name"]: n["metadata"].get("labels", {}) for n in kube_objects(evaluation, "Namespace")
     }
-    protected = sorted(n for n in stack_namespaces if n != relay_ns)
+    # The node guard's pods run in the node's network (hostNetwork): no NetworkPolicy sees them.
+    protected = sorted(n for n in stack_namespaces if n not in (relay_ns, guard_namespace(relay_ns)))
 
     def ref(manifest: Manifest) -> str:
         return f"{manifest['metadata']['namespace']}/{manifest['metadata']['name']}"
