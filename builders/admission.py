@@ -138,6 +138,12 @@ def _binding(name: str, match: Manifest) -> Manifest:
     }
 
 
+# The object's name: `request.name` is empty when a whole collection is
+# deleted at once (DELETE .../networkpolicies), and with generateName; the
+# objects themselves carry it, each judged on its own.
+OBJECT_NAME: Final = "(request.operation == 'DELETE' ? oldObject.metadata.name : object.metadata.name)"
+
+
 def _not_deployer(deployer: str) -> Manifest:
     return {"name": "not-the-deployer", "expression": f"request.userInfo.username != {cel_string(deployer)}"}
 
@@ -252,7 +258,7 @@ def egress_policy(s: GuardSettings) -> Manifest:
                     # The stack's own policy, written by the deployer: see the module's docstring.
                     "name": "not-the-stacks-own-policy",
                     "expression": f"!(request.userInfo.username == {cel_string(s.deployer)}"
-                    f" && request.name == {cel_string(s.own_policy_name)})",
+                    f" && object.metadata.name == {cel_string(s.own_policy_name)})",
                 },
                 {
                     # The garbage collector removing a finalizer from a policy being deleted.
@@ -265,7 +271,7 @@ def egress_policy(s: GuardSettings) -> Manifest:
                 {
                     "expression": egress_allowed_expression(s.relay_namespace, s.relay_ports),
                     "message": message,
-                    "messageExpression": f"'NetworkPolicy ' + request.namespace + '/' + request.name + ': ' + "
+                    "messageExpression": f"'NetworkPolicy ' + request.namespace + '/' + object.metadata.name + ': ' + "
                     f"{cel_string(message)}",
                     "reason": "Forbidden",
                 }
@@ -281,7 +287,7 @@ def _unchanged(field: str) -> str:
 
 def stack_objects_policy(s: GuardSettings) -> Manifest:
     name = policy_names(s.prefix)[1]
-    key = "request.resource.group + '/' + request.resource.resource + '/' + request.name"
+    key = f"request.resource.group + '/' + request.resource.resource + '/' + {OBJECT_NAME}"
     relay_ns = cel_string(s.relay_namespace)
     is_stack_object = (
         f"(request.namespace == {relay_ns}"
@@ -315,7 +321,7 @@ def stack_objects_policy(s: GuardSettings) -> Manifest:
                 {
                     "expression": f"!{is_stack_object} || ({namespace_going}) || ({finalizer_update})",
                     "message": message,
-                    "messageExpression": "request.kind.kind + ' ' + request.namespace + '/' + request.name + ' ' + "
+                    "messageExpression": f"request.kind.kind + ' ' + request.namespace + '/' + {OBJECT_NAME} + ' ' + "
                     f"{cel_string(message)}",
                     "reason": "Forbidden",
                 }

@@ -211,7 +211,7 @@ class TestWhoIsExempt:
         (own, *_) = egress["spec"]["matchConditions"]
         assert own["expression"] == (
             f"!(request.userInfo.username == {cel_string(DEPLOYER_PLACEHOLDER)}"
-            ' && request.name == "tailscale-egress-only-via-relay")'
+            ' && object.metadata.name == "tailscale-egress-only-via-relay")'
         )
 
 

@@ -239,6 +239,13 @@ class TestTheStacksObjects:
     def test_in_a_protected_namespace_they_are_refused_to_its_admin(self, stack: Stack, args: tuple[str, ...]) -> None:
         refused(kubectl(ALICE, *args, "-n", stack.protected), stack.objects_policy, OBJECT_REFUSED)
 
+    def test_deleting_every_policy_at_once_spares_the_stacks(self, stack: Stack) -> None:
+        # A DELETE of the collection carries no name: each object is judged by its own.
+        path = f"/apis/networking.k8s.io/v1/namespaces/{stack.protected}/networkpolicies"
+        result = kubectl(ALICE, "delete", "--raw", path)
+        assert result.returncode != 0 and OBJECT_REFUSED in result.stderr, result.stderr
+        ok(kubectl(ADMIN, "get", "networkpolicy", OWN_POLICY_NAME, "-n", stack.protected))
+
     def test_replacing_the_policy_with_an_open_one_is_refused(self, stack: Stack) -> None:
         patch = json.dumps({"spec": {"egress": [{}]}})
         result = kubectl(
