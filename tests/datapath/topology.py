@@ -655,10 +655,13 @@ class Topology:
         return [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
 
     # ---------------------------------------------------------------- control
-    def start_control(self) -> Proc:
+    def start_control(self, derp_ip: str | None = None) -> Proc:
+        """Headscale at CONTROL_IP. `derp_ip`: its embedded DERP and STUN
+        served at that second address instead (as Tailscale's DERP servers
+        are not at its control plane's addresses)."""
         d = self.workdir / "control"
         d.mkdir(exist_ok=True)
-        cfg = {
+        cfg: dict[str, Any] = {
             "server_url": LOGIN_SERVER,
             "listen_addr": f"{CONTROL_IP}:443",
             "metrics_listen_addr": "127.0.0.1:9090",
@@ -706,6 +709,10 @@ class Topology:
             "logtail": {"enabled": False},
             "taildrop": {"enabled": False},
         }
+        if derp_ip is not None:
+            self.run("control", ["ip", "addr", "add", f"{derp_ip}/24", "dev", "eth0"])
+            cfg["listen_addr"] = "0.0.0.0:443"  # control at CONTROL_IP, DERP (same server) at derp_ip
+            cfg["derp"]["server"] |= {"ipv4": derp_ip, "stun_listen_addr": f"{derp_ip}:3478"}
         self.hs_config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         p = self.spawn("control", "headscale", [str(self.bin / "headscale"), "-c", str(self.hs_config), "serve"])
         wait_for("headscale socket", lambda: (d / "headscale.sock").exists() or not p.alive(), 30)
