@@ -323,6 +323,9 @@ class Api:
     def __init__(self, server: str, ca: Path, cert: Path, key: Path) -> None:
         self.server = server
         self.s = requests.Session()
+        # Not the environment's CA bundle or proxies (requests prefers them to
+        # the session's own settings).
+        self.s.trust_env = False
         self.s.verify = str(ca)
         self.s.cert = (str(cert), str(key))
 
