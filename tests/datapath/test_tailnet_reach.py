@@ -27,6 +27,7 @@ The relay runs with its rendered egress NetworkPolicy enforced throughout.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,8 +66,8 @@ def stack_policy_for_headscale() -> dict[str, Any]:
 class Tailnet:
     """A running topology with the laptop and listeners on every device address."""
 
-    def __init__(self, t: Topology, laptop_ip: str, exit_ip: str) -> None:
-        self.t, self.laptop_ip, self.exit_ip = t, laptop_ip, exit_ip
+    def __init__(self, t: Topology, laptop_ip: str, exit_ip: str, exit_ip6: str) -> None:
+        self.t, self.laptop_ip, self.exit_ip, self.exit_ip6 = t, laptop_ip, exit_ip, exit_ip6
 
     def relay_ip(self) -> str:
         p = self.t.in_relay(["tailscale", "--socket=/tmp/tailscaled.sock", "ip", "-4"])
@@ -76,7 +77,7 @@ class Tailnet:
         """{proxy: body or None} for one GET through each of the relay's proxies."""
         out: dict[str, str | None] = {}
         for proxy in (self.t.http_proxy(), self.t.socks_proxy()):
-            p = self.t.curl(url, proxy=proxy, timeout=timeout)
+            p = self.t.curl(url, proxy=proxy, timeout=timeout, extra=["--globoff"])  # [IPv6] literals
             out[proxy] = p.stdout.strip() if p.returncode == 0 else None
         return out
 
@@ -85,6 +86,8 @@ class Tailnet:
             "laptop": f"http://{self.laptop_ip}:{SERVICE_PORT}/ip",
             "exit-tailnet": f"http://{self.exit_ip}:{SERVICE_PORT}/ip",
             "exit-public": f"http://{EXIT_PUBLIC_IP}:{SERVICE_PORT}/ip",
+            # The guard's ip6tables half: the exit node's tailnet IPv6 address.
+            "exit-tailnet6": f"http://[{self.exit_ip6}]:{SERVICE_PORT}/",
         }
 
     def reached(self) -> dict[str, list[str]]:
@@ -99,9 +102,23 @@ class Tailnet:
 
 
 def wait_addr(t: Topology, role: str, ip: str) -> None:
-    wait_for(
-        f"{ip} on {role}'s tailscale0", lambda: ip in t.run(role, ["ip", "-4", "addr", "show", "tailscale0"]).stdout, 20
-    )
+    wait_for(f"{ip} on {role}'s tailscale0", lambda: ip in t.run(role, ["ip", "addr", "show", "tailscale0"]).stdout, 20)
+
+
+def start_listener6(t: Topology, role: str, name: str, addr: str, port: int) -> None:
+    """A plain HTTP server on an IPv6 address (echo_server.py is IPv4 only)."""
+    root = t.workdir / name
+    root.mkdir(exist_ok=True)
+    (root / "index.html").write_text(name)
+    args = [sys.executable, "-m", "http.server", str(port), "--bind", addr, "--directory", str(root)]
+    t.spawn(role, f"listener-{name}", args)
+    url = f"http://[{addr}]:{port}/"
+
+    def up() -> bool:
+        probe = ["curl", "-sS", "--globoff", "-o", "/dev/null", "--max-time", "2", url]
+        return t.run(role, probe, check=False).returncode == 0
+
+    wait_for(f"listener {name}", up, 15)
 
 
 def start_tailnet(workdir: Path, bin_dir: Path, policy: dict[str, Any] | None) -> Tailnet:
@@ -123,12 +140,14 @@ def start_tailnet(workdir: Path, bin_dir: Path, policy: dict[str, Any] | None) -
         t.apply_relay_policy()
         t.start_relay()
         t.wait_relay_ready()
-        for role, ip in (("laptop", laptop_ip), ("exit", exit_ip)):
+        exit_ip6 = t.ts_exit("ip", "-6").stdout.strip()
+        for role, ip in (("laptop", laptop_ip), ("exit", exit_ip), ("exit", exit_ip6)):
             wait_addr(t, role, ip)
         t.start_listener("laptop", "laptop", laptop_ip, SERVICE_PORT)
         t.start_listener("exit", "exit-tailnet", exit_ip, SERVICE_PORT)
         t.start_listener("exit", "exit-public", EXIT_PUBLIC_IP, SERVICE_PORT)
-        net = Tailnet(t, laptop_ip, exit_ip)
+        start_listener6(t, "exit", "exit-tailnet6", exit_ip6, SERVICE_PORT)
+        net = Tailnet(t, laptop_ip, exit_ip, exit_ip6)
         net.internet_ok()
         return net
     except BaseException:
@@ -182,7 +201,7 @@ class TestAllowAllPolicy:
         """Today's behaviour on a default (allow-all) tailnet: the bypass this issue closes."""
         net = open_tailnet
         both = [net.t.http_proxy(), net.t.socks_proxy()]
-        assert net.reached() == {"laptop": both, "exit-tailnet": both, "exit-public": both}
+        assert net.reached() == {"laptop": both, "exit-tailnet": both, "exit-public": both, "exit-tailnet6": both}
         # The laptop saw the relay's own tailnet address: WireGuard to the peer, not via the exit node.
         assert net.relay_ip() in {c["peer"] for c in net.t.connections("laptop")}
 
@@ -192,7 +211,7 @@ class TestAllowAllPolicy:
         apply_guard(net.t)  # idempotent: boot and cloud-init both run it
         before = len(net.t.connections("exit-tailnet")) + len(net.t.connections("exit-public"))
         reached = net.reached()
-        assert reached["exit-tailnet"] == [] and reached["exit-public"] == [], reached
+        assert reached["exit-tailnet"] == reached["exit-public"] == reached["exit-tailnet6"] == [], reached
         assert len(net.t.connections("exit-tailnet")) + len(net.t.connections("exit-public")) == before
         # The policy still lets the relay reach the laptop: only the policy can close that.
         assert reached["laptop"] != []
@@ -205,7 +224,7 @@ class TestStackPolicy:
         net = stack_tailnet
         before = len(net.t.connections("laptop"))
         reached = net.reached()
-        assert reached["laptop"] == [] and reached["exit-tailnet"] == [], reached
+        assert reached["laptop"] == reached["exit-tailnet"] == reached["exit-tailnet6"] == [], reached
         assert len(net.t.connections("laptop")) == before, "the laptop saw a connection"
         net.internet_ok()
 
