@@ -131,5 +131,14 @@ destroy: venv ## remove everything STACK created (Pulumi CLI)
 	$(pulumi_stack)
 	pulumi destroy
 
+# After `make up`: from a short-lived restricted probe pod in each protected
+# namespace, the exit IP through the proxies, no direct internet, host, LAN or
+# metadata, cluster DNS; the relay's exit node online. Needs kubectl; the stack's
+# outputs come from the Pulumi CLI. More flags: VERIFY_ARGS="--lan-ip 192.168.0.1"
+# (python tools/verify.py --help).
+.PHONY: verify
+verify: venv ## check STACK in the cluster from a probe pod: exit IP, no direct egress, DNS, relay (kubectl)
+	$(PY) tools/verify.py $(STACK) $(VERIFY_ARGS)
+
 clean: ## remove build/ and the tools' caches
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
