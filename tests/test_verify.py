@@ -166,6 +166,28 @@ def test_dns_answer_is_read_from_the_lookup(kind: str) -> None:
     assert not ok and "10.43.0.1" in detail
 
 
+# busybox nslookup (the default image's), as it prints an answer and an NXDOMAIN.
+NSLOOKUP_ANSWER = (
+    "Server:\t\t10.43.0.10\nAddress:\t10.43.0.10:53\n\n"
+    "Name:\tkubernetes.default.svc.cluster.local\nAddress: 10.43.0.1\n\n"
+)
+NSLOOKUP_NXDOMAIN = (
+    "Server:\t\t10.43.0.10\nAddress:\t10.43.0.10:53\n\n"
+    "** server can't find kubernetes.default.svc.cluster.local: NXDOMAIN\n\n"
+)
+
+
+def test_nslookup_answer_is_read_after_the_servers_address() -> None:
+    name = "kubernetes.default.svc.cluster.local"
+    # Exit status 1: the AAAA query found nothing; the A answer is what counts.
+    ok, detail = verify.judge_dns("curl", Completed(1, NSLOOKUP_ANSWER, ""), name, "10.43.0.1")
+    assert ok, detail
+    assert "10.43.0.10" not in detail
+    # The server's own address in the header is not an answer.
+    ok, detail = verify.judge_dns("curl", Completed(1, NSLOOKUP_NXDOMAIN, ""), name, None)
+    assert not ok and "NXDOMAIN" in detail
+
+
 class _Echo(BaseHTTPRequestHandler):
     """Answers with the address it sees, as api.ipify.org does."""
 

@@ -425,16 +425,15 @@ def judge_dns(kind: ProbeKind, result: Completed, name: str, service_ip: str | N
         if not parsed["ok"]:
             return False, f"{name}: {_one_line(str(parsed.get('error', '')))}"
         answers = [str(a) for a in parsed.get("addrs") or []]
-    else:
-        if result.rc != 0:
-            return False, f"{name}: lookup failed (rc {result.rc}): {_one_line(result.stdout + ' ' + result.stderr)}"
-        # nslookup prints the server's address first: keep what follows the answer's "Name:".
+    elif "Server:" in result.stdout:
+        # busybox nslookup: the server's own address first, the answers after "Name:"; its
+        # exit status also counts the AAAA query, which a cluster with no IPv6 leaves empty.
         text = result.stdout
-        if "Name:" in text:
-            text = text[text.index("Name:") :]
-        answers = addresses_in(text)
+        answers = addresses_in(text[text.index("Name:") :]) if "Name:" in text else []
+    else:  # getent hosts
+        answers = addresses_in(result.stdout) if result.rc == 0 else []
     if not answers:
-        return False, f"{name}: no address in the answer"
+        return False, f"{name}: no answer (rc {result.rc}): {_one_line(result.stdout + ' ' + result.stderr, 120)}"
     if service_ip is not None and service_ip not in answers:
         return False, f"{name} -> {', '.join(answers)}, but the Service's ClusterIP is {service_ip}"
     return True, f"{name} -> {', '.join(answers)}"
