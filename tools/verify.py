@@ -742,6 +742,8 @@ def stack_outputs(stack: str, runner: Runner = subprocess_runner) -> dict[str, A
     outputs = _pulumi(["stack", "output", "--json", "--stack", stack, "--cwd", str(ROOT)], runner)
     if not isinstance(outputs, dict):
         raise VerifyError(f"stack {stack}: unexpected outputs {outputs!r}")
+    if not outputs:
+        raise VerifyError(f"stack {stack} has no outputs: deploy it first (make up STACK={stack})")
     return outputs
 
 
