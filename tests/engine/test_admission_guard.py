@@ -35,14 +35,18 @@ from components.egress_relay import AUTH_SECRET_NAME
 from config import ClusterConfig
 from preflight import OFFLINE_ENV, PreflightError
 from tests.stacks import RELAY_AUTH_KEY, cluster_only_config, kube_objects, with_config
+from tests.support.apiserver import Cluster
 from tests.test_admission_guard import OPENING, ORDINARY, network_policy
-from tools.mockstack import PROJECT, ROOT, evaluate
+from tools.mockstack import PROJECT, evaluate
 
 pytestmark = pytest.mark.engine
 
 Manifest = dict[str, Any]
-KUBECONFIG = Path(os.environ.get("TS_EGRESS_KUBECONFIG", ROOT / "build" / "engine" / "kubeconfig"))
-ADMIN, ALICE = "tailscale-egress-test", "alice"
+# The suite's API server (the `cluster` fixture, as `make cluster-api` starts
+# it), or one already running whose kubeconfig TS_EGRESS_KUBECONFIG names
+# (same context names).
+ADMIN, ALICE = Cluster.context("admin"), Cluster.context("alice")
+_SESSION: dict[str, Path] = {}
 CACHE_BIN = Path(os.environ.get("TS_EGRESS_CACHE", Path.home() / ".cache" / "tailscale-egress")) / "bin"
 
 RBAC = "rbac.authorization.k8s.io"
@@ -68,7 +72,7 @@ def _kubectl_path() -> str:
 
 def kubectl(context: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [_kubectl_path(), "--kubeconfig", str(KUBECONFIG), "--context", context, *args],
+        [_kubectl_path(), "--kubeconfig", str(_SESSION["kubeconfig"]), "--context", context, *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -123,9 +127,14 @@ def _guard_is_in_force(stack: Stack) -> bool:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    if not KUBECONFIG.is_file() or kubectl(ADMIN, "get", "--raw", "/readyz").returncode != 0:
-        _unavailable(f"no API server at {KUBECONFIG} (context {ADMIN}): run make cluster-api first")
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    external = os.environ.get("TS_EGRESS_KUBECONFIG")
+    if external:
+        _SESSION["kubeconfig"] = Path(external)
+    else:
+        _SESSION["kubeconfig"] = request.getfixturevalue("cluster").kubeconfig
+    if kubectl(ADMIN, "get", "--raw", "/readyz").returncode != 0:
+        _unavailable(f"the API server of {_SESSION['kubeconfig']} (context {ADMIN}) does not answer")
     run = secrets.token_hex(3)
     name = f"guard-{run}"
     protected, relay = f"guard-app-{run}", f"guard-relay-{run}"
@@ -147,49 +156,58 @@ def stack() -> Iterator[Stack]:
     s = Stack(StackNames.for_stack(PROJECT, name).prefix, deployer, protected, relay, objects)
     namespaces = [o for o in objects if o["kind"] == "Namespace"]
     rest = [o for o in objects if o["kind"] != "Namespace"]
-    ok(kubectl(ADMIN, "apply", "--server-side", "--field-manager=engine-test", "-f", "-", stdin=as_yaml(*namespaces)))
-    ok(kubectl(ADMIN, "apply", "--server-side", "--field-manager=engine-test", "-f", "-", stdin=as_yaml(*rest)))
-    # alice: admin of both namespaces (ClusterRole admin via RoleBinding), and
-    # allowed to label namespaces, so that only the guard can stop her.
-    rbac = [
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "alice-admin", "namespace": ns},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
-        }
-        for ns in (protected, relay)
-    ] + [
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": f"{name}-namespace-labeller"},
-            "rules": [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "patch", "update"]}],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": f"{name}-namespace-labeller"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
+    try:
+        ok(
+            kubectl(
+                ADMIN, "apply", "--server-side", "--field-manager=engine-test", "-f", "-", stdin=as_yaml(*namespaces)
+            )
+        )
+        ok(kubectl(ADMIN, "apply", "--server-side", "--field-manager=engine-test", "-f", "-", stdin=as_yaml(*rest)))
+        # alice: admin of both namespaces (ClusterRole admin via RoleBinding), and
+        # allowed to label namespaces, so that only the guard can stop her.
+        rbac = [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "alice-admin", "namespace": ns},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
+            }
+            for ns in (protected, relay)
+        ] + [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
                 "kind": "ClusterRole",
-                "name": f"{name}-namespace-labeller",
+                "metadata": {"name": f"{name}-namespace-labeller"},
+                "rules": [
+                    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "patch", "update"]}
+                ],
             },
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
-        },
-    ]
-    ok(kubectl(ADMIN, "apply", "-f", "-", stdin=as_yaml(*rbac)))
-    deadline = time.monotonic() + 30
-    while not _guard_is_in_force(s):
-        assert time.monotonic() < deadline, "the guard did not come into force within 30 s"
-        time.sleep(0.5)
-    yield s
-    kubectl(ADMIN, "delete", "namespace", protected, relay, "--ignore-not-found", "--wait=false")
-    for o in objects:
-        if o["kind"].startswith("ValidatingAdmissionPolicy"):
-            kubectl(ADMIN, "delete", o["kind"], o["metadata"]["name"], "--ignore-not-found")
-    kubectl(ADMIN, "delete", "clusterrolebinding,clusterrole", f"{name}-namespace-labeller", "--ignore-not-found")
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": f"{name}-namespace-labeller"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": f"{name}-namespace-labeller",
+                },
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
+            },
+        ]
+        ok(kubectl(ADMIN, "apply", "-f", "-", stdin=as_yaml(*rbac)))
+        deadline = time.monotonic() + 30
+        while not _guard_is_in_force(s):
+            assert time.monotonic() < deadline, "the guard did not come into force within 30 s"
+            time.sleep(0.5)
+        yield s
+    finally:
+        # Also after a failed setup: nothing of the run stays in the cluster.
+        kubectl(ADMIN, "delete", "namespace", protected, relay, "--ignore-not-found", "--wait=false")
+        for o in objects:
+            if o["kind"].startswith("ValidatingAdmissionPolicy"):
+                kubectl(ADMIN, "delete", o["kind"], o["metadata"]["name"], "--ignore-not-found")
+        kubectl(ADMIN, "delete", "clusterrolebinding,clusterrole", f"{name}-namespace-labeller", "--ignore-not-found")
 
 
 class TestExtraNetworkPolicies:
@@ -339,7 +357,7 @@ class TestPoliciesWrittenBeforeTheGuard:
             monkeypatch.setenv("PATH", f"{Path(_kubectl_path()).parent}{os.pathsep}{os.environ.get('PATH', '')}")
             cluster = ClusterConfig(
                 context=ADMIN,
-                kubeconfig=str(KUBECONFIG),
+                kubeconfig=str(_SESSION["kubeconfig"]),
                 protected_namespaces=[{"name": namespace}],
                 relay_namespace=stack.relay,
             )
@@ -356,8 +374,8 @@ class TestTheDeployer:
     ) -> None:
         monkeypatch.setenv(OFFLINE_ENV, "0")
         monkeypatch.setenv("PATH", f"{Path(_kubectl_path()).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-        assert deployer_username(ClusterConfig(context=ADMIN, kubeconfig=str(KUBECONFIG))) == stack.deployer
-        assert deployer_username(ClusterConfig(context=ALICE, kubeconfig=str(KUBECONFIG))) == "alice"
+        assert deployer_username(ClusterConfig(context=ADMIN, kubeconfig=str(_SESSION["kubeconfig"]))) == stack.deployer
+        assert deployer_username(ClusterConfig(context=ALICE, kubeconfig=str(_SESSION["kubeconfig"]))) == "alice"
 
     def test_changes_the_stacks_objects_and_labels(self, stack: Stack) -> None:
         ok(kubectl(ADMIN, "label", "networkpolicy", OWN_POLICY_NAME, "-n", stack.protected, "x=y"))
