@@ -27,6 +27,7 @@ The relay runs with its rendered egress NetworkPolicy enforced throughout.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -241,6 +242,32 @@ class TestStackPolicy:
         assert rc != 0, f"headscale accepted a policy that opens the tailnet to the relay:\n{out}"
         assert f"{RELAY_TAG} -> autogroup:member:22" in out and "expected DENIED, got ALLOWED" in out, out
         assert f"{RELAY_TAG} -> {EXIT_TAG}:22" in out, out
+
+    def test_a_hand_edit_of_the_live_policy_file_is_refused_and_the_laptop_stays_out_of_reach(
+        self, stack_tailnet: Tailnet
+    ) -> None:
+        """The write boundary itself: the edited file, reloaded (SIGHUP), fails its tests and is not applied."""
+        net = stack_tailnet
+        path, headscale = net.t.hs_policy_path, net.t.procs["headscale"]
+        assert path is not None
+        original = path.read_text()
+        opened = json.loads(original)
+        opened["grants"].append({"src": [RELAY_TAG], "dst": ["*"], "ip": ["*"]})
+        path.write_text(json.dumps(opened, indent=2))
+        mark = len(headscale.log.read_text())
+        try:
+            headscale.send_signal(signal.SIGHUP)
+
+            def refused() -> bool:
+                tail = headscale.log.read_text()[mark:]
+                return "reloading policy" in tail and "expected DENIED, got ALLOWED" in tail
+
+            wait_for("headscale to refuse the edited policy", refused, 15)
+            assert net.reached()["laptop"] == []
+        finally:
+            path.write_text(original)
+            headscale.send_signal(signal.SIGHUP)
+        net.internet_ok()
 
     def test_the_exit_nodes_public_address_needs_the_guard_which_survives_a_restart(
         self, stack_tailnet: Tailnet
