@@ -47,13 +47,16 @@ CACHE_BIN = Path(os.environ.get("TS_EGRESS_CACHE", Path.home() / ".cache" / "tai
 EXIT_SIDE = "127.0.0.2"  # the proxies below dial out from here: "the exit node's address"
 
 
+def _unavailable(message: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def _need(tool: str, install: str) -> str:
-    found = shutil.which(tool, path=f"{CACHE_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    found = shutil.which(tool)
     if found is None:
-        message = f"{tool} is not installed: {install}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        _unavailable(f"{tool} is not installed: {install}")
     assert found is not None
     return found
 
@@ -114,31 +117,48 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(scope="session")
+def path_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """PATH with scripts/go/probe on it: the cache's build (make cluster-bins), or
+    built here when there is none (standard library only: seconds)."""
+    tools = tmp_path_factory.mktemp("bin")
+    cached = CACHE_BIN / "probe"
+    if os.access(cached, os.X_OK):
+        (tools / "probe").symlink_to(cached)
+    else:
+        go = shutil.which("go", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/local/go/bin")
+        if go is None:
+            _unavailable("Go 1.26 is needed to build scripts/go/probe (https://go.dev/dl/)")
+        assert go is not None
+        env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-trimpath -buildvcs=false", "GOTOOLCHAIN": "local"}
+        probe_src = Path(__file__).resolve().parent.parent / "scripts" / "go" / "probe"
+        built = subprocess.run(
+            [go, "build", "-o", str(tools / "probe"), "."], cwd=probe_src, env=env, capture_output=True, text=True,
+            timeout=600, check=False,
+        )  # fmt: skip
+        assert built.returncode == 0, built.stderr
+    return {"PATH": f"{tools}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 @pytest.fixture(params=["curl", "probe"])
-def kind(request: pytest.FixtureRequest) -> str:
+def kind(request: pytest.FixtureRequest, path_env: dict[str, str]) -> str:
     if request.param == "curl":
         _need("curl", "apt-get install curl")
-    else:
-        _need("probe", "make cluster-bins (builds scripts/go/probe into the cache)")
     return str(request.param)
 
 
-def _path_env() -> dict[str, str]:
-    return {"PATH": f"{CACHE_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def test_a_completed_connection_fails_the_check(kind: str, listener: int) -> None:
-    done = _run(verify.connect_command(kind, "127.0.0.1", listener, 3), _path_env())  # type: ignore[arg-type]
+def test_a_completed_connection_fails_the_check(kind: str, listener: int, path_env: dict[str, str]) -> None:
+    done = _run(verify.connect_command(kind, "127.0.0.1", listener, 3), path_env)  # type: ignore[arg-type]
     connected, detail = verify.judge_connect(kind, done)  # type: ignore[arg-type]
     assert connected is True, detail
 
 
-def test_a_refused_connection_is_no_connection(kind: str, network: dict[str, str]) -> None:
+def test_a_refused_connection_is_no_connection(kind: str, network: dict[str, str], path_env: dict[str, str]) -> None:
     # The pod's proxy settings are in the environment: the direct check must not use them.
     proxies = {v: network["HTTPS_PROXY"] for v in ("http_proxy", "HTTP_PROXY", "HTTPS_PROXY", "https_proxy")}
     proxies |= {"ALL_PROXY": network["ALL_PROXY"], "all_proxy": network["ALL_PROXY"]}
     command = verify.connect_command(kind, "127.0.0.1", _closed_port(), 3)  # type: ignore[arg-type]
-    done = _run(command, {**proxies, **_path_env()})
+    done = _run(command, {**proxies, **path_env})
     connected, detail = verify.judge_connect(kind, done)  # type: ignore[arg-type]
     assert connected is False
     assert "refused" in detail
@@ -155,10 +175,10 @@ def test_a_probe_that_did_not_run_is_never_a_pass(kind: str) -> None:
         assert not ok
 
 
-def test_dns_answer_is_read_from_the_lookup(kind: str) -> None:
+def test_dns_answer_is_read_from_the_lookup(kind: str, path_env: dict[str, str]) -> None:
     if kind == "curl" and shutil.which("nslookup") is None:
         _need("getent", "apt-get install libc-bin")
-    done = _run(verify.dns_command(kind, "localhost", 3), _path_env())  # type: ignore[arg-type]
+    done = _run(verify.dns_command(kind, "localhost", 3), path_env)  # type: ignore[arg-type]
     ok, detail = verify.judge_dns(kind, done, "localhost", None)  # type: ignore[arg-type]
     assert ok, detail
     assert "127.0.0.1" in detail or "::1" in detail
@@ -186,6 +206,82 @@ def test_nslookup_answer_is_read_after_the_servers_address() -> None:
     # The server's own address in the header is not an answer.
     ok, detail = verify.judge_dns("curl", Completed(1, NSLOOKUP_NXDOMAIN, ""), name, None)
     assert not ok and "NXDOMAIN" in detail
+
+
+def _question_end(query: bytes) -> int:
+    at = 12
+    while query[at]:
+        at += query[at] + 1
+    return at + 5  # the root label, QTYPE and QCLASS
+
+
+@pytest.fixture
+def resolver() -> Iterator[str]:
+    """A resolver outside the cluster, on UDP port 53: answers NXDOMAIN to every query
+    (any reply means a pod's query got out)."""
+    address = "127.0.0.3"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((address, 53))
+    except PermissionError:
+        _unavailable("binding UDP port 53 needs root")
+
+    def serve() -> None:
+        while True:
+            try:
+                query, peer = sock.recvfrom(512)
+            except OSError:
+                return
+            end = _question_end(query)
+            reply = query[:2] + b"\x81\x83" + b"\x00\x01" + b"\x00\x00" * 3 + query[12:end]
+            sock.sendto(reply, peer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield address
+    sock.close()
+
+
+def test_a_reply_from_an_outside_resolver_fails_the_check(resolver: str, path_env: dict[str, str]) -> None:
+    done = _run(verify.external_dns_command("probe", resolver, 3), path_env)
+    reached, detail = verify.judge_external_dns("probe", done)
+    assert reached is True, detail
+
+
+def test_no_reply_from_an_outside_resolver_is_no_connection(path_env: dict[str, str]) -> None:
+    done = _run(verify.external_dns_command("probe", "127.0.0.4", 3), path_env)  # nothing listens there
+    reached, detail = verify.judge_external_dns("probe", done)
+    assert reached is False, detail
+
+
+# busybox nslookup sent to a resolver it cannot reach, refused or not, and to one that answers.
+@pytest.mark.parametrize(
+    ("done", "reached"),
+    [
+        (Completed(1, ";; connection timed out; no servers could be reached\n\n", ""), False),
+        (
+            Completed(
+                1,
+                ";; connection timed out; no servers could be reached\n\n",
+                "nslookup: write to '1.1.1.1': Connection refused\n",
+            ),
+            False,
+        ),
+        (
+            Completed(
+                1, "Server:\t\t1.1.1.1\nAddress:\t1.1.1.1:53\n\n** server can't find example.com: NXDOMAIN\n", ""
+            ),
+            True,
+        ),
+        (
+            Completed(0, "Server:\t\t1.1.1.1\nAddress:\t1.1.1.1:53\n\nName:\texample.com\nAddress: 96.7.128.175\n", ""),
+            True,
+        ),
+        (Completed(127, "", "sh: nslookup: not found\n"), None),
+    ],
+    ids=["timeout", "refused", "nxdomain", "answer", "not-run"],
+)
+def test_nslookup_to_an_outside_resolver_is_judged(done: Completed, reached: bool | None) -> None:
+    assert verify.judge_external_dns("curl", done)[0] is reached
 
 
 class _Echo(BaseHTTPRequestHandler):
@@ -294,9 +390,9 @@ def network() -> Iterator[dict[str, str]]:
 
 @pytest.mark.parametrize("variable", ["HTTPS_PROXY", "ALL_PROXY"])
 def test_exit_ip_is_what_the_server_saw_through_the_pods_proxy(
-    kind: str, variable: str, network: dict[str, str]
+    kind: str, variable: str, network: dict[str, str], path_env: dict[str, str]
 ) -> None:
-    env = {"HTTPS_PROXY": network["HTTPS_PROXY"], "ALL_PROXY": network["ALL_PROXY"], **_path_env()}
+    env = {"HTTPS_PROXY": network["HTTPS_PROXY"], "ALL_PROXY": network["ALL_PROXY"], **path_env}
     done = _run(verify.exit_ip_command(kind, variable, network["url"], 10), env)  # type: ignore[arg-type]
     ok, detail = verify.judge_exit_ip(kind, done, [EXIT_SIDE])  # type: ignore[arg-type]
     assert ok, detail
@@ -386,7 +482,10 @@ class Scripted:
     """Answers tools/verify.py's kubectl calls from a script of (argv match -> result),
     and records every call, so that the order of create, exec and delete can be asserted."""
 
-    def __init__(self, on_exec: Callable[[list[str]], Completed] | None = None) -> None:
+    def __init__(
+        self, on_exec: Callable[[list[str]], Completed] | None = None, gets: dict[str, Any] | None = None
+    ) -> None:
+        self.gets = gets or {}
         self.calls: list[list[str]] = []
         self.on_exec = on_exec or (lambda argv: Completed(0, "", ""))
         self.lock = threading.Lock()
@@ -401,6 +500,8 @@ class Scripted:
         if verb == "get" and rest[0] == "pod":
             running = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
             return Completed(0, json.dumps({"status": running}), "")
+        if verb == "get" and rest[0] in self.gets:
+            return Completed(0, json.dumps(self.gets[rest[0]]), "")
         if verb == "get":
             return Completed(1, "", "forbidden")
         if verb == "exec":
@@ -415,6 +516,7 @@ def _config(**overrides: Any) -> VerifyConfig:
         "expected_exit_ips": ("203.0.113.10",),
         "probe_kind": "curl",
         "targets": (Target("metadata", "169.254.169.254", (80,)),),
+        "external_dns": (),
         "pod_timeout": 5,
     }
     values.update(overrides)
@@ -499,6 +601,37 @@ def test_a_check_that_could_not_run_is_a_fail() -> None:
     metadata = next(r for r in results if r.category == "metadata")
     assert not metadata.ok and "not checked" in metadata.detail
     assert verify.exit_code(results) == 1
+
+
+def test_the_nodes_and_the_api_server_are_tried_too() -> None:
+    gets = {
+        "nodes": {"items": [{"status": {"addresses": [
+            {"type": "InternalIP", "address": "192.168.5.15"}, {"type": "Hostname", "address": "lima-rd"}]}}]},
+        "services": {"items": [
+            {"metadata": {"namespace": "default", "name": "kubernetes"}, "spec": {"clusterIP": "10.43.0.1",
+                                                                                  "ports": [{"port": 443}]}},
+            {"metadata": {"namespace": "web", "name": "shop"}, "spec": {"ports": [{"port": 80, "nodePort": 30080}]}},
+        ]},
+    }  # fmt: skip
+    runner = Scripted(lambda argv: Completed(0, "connected_in=0.000\ncurl_exit=7\n", ""), gets)
+    results = verify.run_verify(_config(), runner, log=lambda _: None)
+    checked = {r.check: r for r in results}
+    node = checked["no direct node 192.168.5.15"]
+    assert node.ok and all(f"{port} refused" in node.detail for port in (22, 6443, 10250, 30080))
+    assert checked["no direct api 10.43.0.1"].ok
+
+
+def test_a_reply_from_an_outside_resolver_is_a_fail_in_the_table() -> None:
+    def answer(argv: list[str]) -> Completed:
+        if "nslookup example.com 1.1.1.1" in argv[-1]:
+            return Completed(
+                1, "Server:\t\t1.1.1.1\nAddress:\t1.1.1.1:53\n\n** server can't find example.com: NXDOMAIN\n", ""
+            )
+        return Completed(0, "connected_in=0.000\ncurl_exit=7\n", "")
+
+    results = verify.run_verify(_config(external_dns=("1.1.1.1",)), Scripted(answer), log=lambda _: None)
+    dns = next(r for r in results if r.check == "no direct DNS 1.1.1.1")
+    assert not dns.ok and "REACHABLE" in dns.detail
 
 
 def test_no_relay_pod_is_a_fail() -> None:

@@ -56,7 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, Literal
@@ -91,7 +91,11 @@ DEFAULT_PORTS: Final[Mapping[str, tuple[int, ...]]] = {
     "host": (22, 80, 443, 6443),
     "lan": (22, 80, 443),
     "metadata": (80,),
+    # Discovered from the API: the node's SSH, API server and kubelet; the kubernetes Service.
+    "node": (22, 6443, 10250),
+    "api": (443,),
 }
+DEFAULT_EXTERNAL_DNS: Final = ("1.1.1.1",)
 INSTALL_KUBECTL: Final = (
     "kubectl is not installed (or not on PATH). Rancher Desktop ships it in ~/.rd/bin: add that to PATH;"
     " otherwise install it (https://kubernetes.io/docs/tasks/tools/, e.g. `brew install kubectl`"
@@ -109,7 +113,7 @@ class VerifyError(Exception):
 class Target:
     """An address a protected pod must not reach directly, and the ports tried."""
 
-    category: Literal["internet", "host", "lan", "metadata"]
+    category: Literal["internet", "host", "lan", "metadata", "node", "api"]
     host: str
     ports: tuple[int, ...]
 
@@ -153,6 +157,10 @@ class VerifyConfig:
     echo_url: str = DEFAULT_ECHO_URL
     targets: tuple[Target, ...] = field(default_factory=lambda: default_targets())
     cluster_domain: str = "cluster.local"
+    # Resolvers a pod must not query directly (UDP 53): DNS is allowed to cluster DNS only.
+    external_dns: tuple[str, ...] = DEFAULT_EXTERNAL_DNS
+    # Add the nodes' addresses (and NodePorts) and the kubernetes Service, as the API lists them.
+    discover: bool = True
     exit_node_tailnet_ip: str | None = None
     connect_timeout: float = 5.0
     pod_timeout: float = 180.0
@@ -321,6 +329,40 @@ def dns_command(kind: ProbeKind, name: str, timeout: float) -> list[str]:
     else:
         script = f"exec probe dns {quoted} -timeout {_seconds(timeout)}s"
     return ["sh", "-c", script]
+
+
+EXTERNAL_NAME: Final = "example.com"
+
+
+def external_dns_command(kind: ProbeKind, server: str, timeout: float) -> list[str]:
+    """A lookup sent straight to `server` (UDP 53), not to cluster DNS."""
+    if kind == "curl":
+        script = f"exec nslookup {EXTERNAL_NAME} {shlex.quote(server)}"
+    else:
+        address = shlex.quote(f"{_url_host(server)}:53")
+        script = f"exec probe dns {EXTERNAL_NAME} -server {address} -timeout {_seconds(timeout)}s"
+    return ["sh", "-c", script]
+
+
+def judge_external_dns(kind: ProbeKind, result: Completed) -> tuple[bool | None, str]:
+    """(True: a DNS reply came back, any reply, NXDOMAIN included; False: none did; None: unclear)."""
+    if kind == "probe":
+        parsed = _probe_json(result.stdout)
+        if parsed is None:
+            return None, f"probe did not run (rc {result.rc}): {_one_line(result.stderr or result.stdout)}"
+        if parsed["ok"]:
+            return True, f"answered: {', '.join(parsed.get('addrs') or [])}"
+        text = str(parsed.get("error", ""))
+    else:
+        text = result.stdout + "\n" + result.stderr
+        if "Name:" in text or "can't find" in text:
+            return True, f"answered: {_one_line(text, 80)}"
+    lowered = text.lower()
+    if any(k in lowered for k in ("timed out", "timeout", "no servers could be reached", "refused", "unreachable")):
+        return False, _short_error(text)
+    if "no such host" in lowered or "server misbehaving" in lowered:
+        return True, f"answered: {_one_line(text, 80)}"
+    return None, f"unclear (rc {result.rc}): {_one_line(text, 120)}"
 
 
 def _probe_json(out: str) -> dict[str, Any] | None:
@@ -700,8 +742,19 @@ def _checks_in_pod(kube: Kubectl, config: VerifyConfig, ns: str, pod: str, kind:
             outcomes.append(f"{port} {why}")
         return CheckResult(ns, target.check, ok, "tcp " + ", ".join(outcomes), target.category)
 
+    def no_external_dns(server: str) -> CheckResult:
+        command = external_dns_command(kind, server, timeout)
+        reached, why = judge_external_dns(kind, kube.exec(ns, pod, PROBE_CONTAINER, command, timeout=exec_timeout))
+        ok = reached is False
+        if reached is None:
+            why = f"not checked: {why}"
+        elif reached:
+            why = f"REACHABLE: {why}"
+        return CheckResult(ns, f"no direct DNS {server}", ok, f"udp 53 {why}", "internet")
+
     jobs: list[Callable[[], CheckResult]] = [lambda: exit_ip("https"), lambda: exit_ip("socks5h"), dns]
     jobs += [functools.partial(unreachable, t) for t in config.targets]
+    jobs += [functools.partial(no_external_dns, server) for server in config.external_dns]
     pool = ThreadPoolExecutor(max_workers=4)
     try:
         futures = [pool.submit(job) for job in jobs]
@@ -711,10 +764,43 @@ def _checks_in_pod(kube: Kubectl, config: VerifyConfig, ns: str, pod: str, kind:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def discovered_targets(kube: Kubectl, log: Log = _stderr_log) -> tuple[Target, ...]:
+    """The nodes' addresses, with their SSH, API server, kubelet and (up to three)
+    NodePorts, and the kubernetes Service: none may be reached from a protected pod."""
+    targets: list[Target] = []
+    services, _ = kube.json("get", "services", "--all-namespaces")
+    node_ports = sorted(
+        {
+            int(port["nodePort"])
+            for svc in (services or {}).get("items", [])
+            for port in svc.get("spec", {}).get("ports") or []
+            if port.get("nodePort")
+        }
+    )[:3]
+    nodes, error = kube.json("get", "nodes")
+    if nodes is None:
+        log(f"cannot list the nodes ({error}): their addresses are not checked")
+    for node in (nodes or {}).get("items", []):
+        for address in node.get("status", {}).get("addresses", []):
+            if address.get("type") in ("InternalIP", "ExternalIP"):
+                targets.append(Target("node", address["address"], (*DEFAULT_PORTS["node"], *node_ports)))
+    for svc in (services or {}).get("items", []):
+        meta = svc.get("metadata", {})
+        if (meta.get("namespace"), meta.get("name")) == ("default", "kubernetes"):
+            ip = svc.get("spec", {}).get("clusterIP")
+            if ip:
+                targets.append(Target("api", ip, DEFAULT_PORTS["api"]))
+    return tuple(dict.fromkeys(targets))
+
+
 def run_verify(config: VerifyConfig, runner: Runner = subprocess_runner, log: Log = _stderr_log) -> list[CheckResult]:
     """Every check against the cluster; probe pods are removed before it returns or raises."""
     kube = Kubectl(config, runner)
     results = relay_checks(kube, config)
+    if config.discover:
+        found = discovered_targets(kube, log)
+        known = {(t.category, t.host) for t in config.targets}
+        config = replace(config, targets=config.targets + tuple(t for t in found if (t.category, t.host) not in known))
     for ns in config.namespaces:
         results += namespace_checks(kube, config, ns, log)
     return results
@@ -831,6 +917,11 @@ def config_from_args(args: argparse.Namespace, runner: Runner = subprocess_runne
             problems.append(f"--expect-exit-ip {ip!r}: not an IP address or network (e.g. 203.0.113.10)")
     if args.uid <= 0:
         problems.append(f"--uid {args.uid}: must be a non-root uid (1 or more; default {RUN_AS})")
+    for server in args.external_dns or ():
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            problems.append(f"--external-dns {server!r}: not an IP address (e.g. 8.8.8.8)")
     echo = urlsplit(args.echo_url)
     if echo.scheme not in ("http", "https") or not echo.hostname:
         problems.append(f"--echo-url {args.echo_url!r}: must be an http:// or https:// URL (e.g. {DEFAULT_ECHO_URL})")
@@ -852,6 +943,8 @@ def config_from_args(args: argparse.Namespace, runner: Runner = subprocess_runne
         echo_url=args.echo_url,
         targets=targets,
         cluster_domain=domain or "cluster.local",
+        external_dns=tuple(args.external_dns or DEFAULT_EXTERNAL_DNS),
+        discover=not args.no_discover,
         exit_node_tailnet_ip=exit_tailnet_ip,
         connect_timeout=args.timeout,
         pod_timeout=args.pod_timeout,
@@ -879,6 +972,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--internet-ip", action="append", help="direct internet address[:ports] (default: 1.1.1.1)")
     p.add_argument("--host-ip", action="append", help="host address[:ports] (default: 192.168.5.2, 192.168.127.254)")
     p.add_argument("--lan-ip", action="append", help="LAN address[:ports] (default: 192.168.1.1)")
+    p.add_argument("--external-dns", action="append", help="a resolver not to reach on UDP 53 (default: 1.1.1.1)")
+    p.add_argument("--no-discover", action="store_true", help="do not add the nodes' and API server's addresses")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per connection attempt (default: %(default)s)")
     p.add_argument("--pod-timeout", type=float, default=180.0, help="seconds for a probe pod to run (default: 180)")
     p.add_argument("--pod-lifetime", type=int, default=900, help="a probe pod ends by itself after this (default: 900)")
