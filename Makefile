@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Go as the machine images install it, in case it is not on PATH already.
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: help venv tools test lint datapath-bins test-datapath test-all render preview up destroy bench bench-datapath clean policy-venv lint-bins
+.PHONY: help venv tools test lint datapath-bins test-datapath engine-bins cluster-api cluster-api-down test-all render preview up destroy bench bench-datapath clean policy-venv lint-bins
 
 # Every target with a "## " comment, with that comment.
 help: ## this list
@@ -59,6 +59,20 @@ datapath-bins: ## build tailscaled, tailscale, containerboot, headscale into the
 test-datapath: venv datapath-bins ## the real data path in network namespaces (Linux, root)
 	bash scripts/install-test-tools.sh --datapath
 	$(PY) -m pytest -m datapath tests/datapath -v
+
+# The real engine's programs (the Pulumi CLI, the Kubernetes provider plugin,
+# kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok) built the
+# same way into the same cache (about 20 minutes the first time, then reused).
+engine-bins: ## build the Pulumi CLI, the Kubernetes provider, the control plane and kwok into the cache
+	bash scripts/build-engine-bins.sh
+
+# A real control plane on loopback for the engine tests: build/engine/kubeconfig,
+# context tailscale-egress-test (admin), -alice and -bob (no rights).
+cluster-api: venv ## start etcd, kube-apiserver, controller manager, scheduler and kwok on loopback
+	$(PY) -m tests.support.apiserver start
+
+cluster-api-down: venv ## stop what cluster-api started and wipe its data
+	$(PY) -m tests.support.apiserver stop
 
 test-all: lint test test-datapath ## what CI runs: lint, the fast suite and the data-path suite
 
