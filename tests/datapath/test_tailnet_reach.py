@@ -291,3 +291,27 @@ class TestStackPolicy:
             raise TopologyError(f"tailscaled did not install its ts-input accept; nothing was shown:\n{rules}")
         assert net.reached()["exit-public"] == []
         assert len(net.t.connections("exit-public")) == before
+
+
+# --------------------------------------------------------------- a tailnet with its own rules
+def test_with_members_rules_and_the_grant_without_via_the_laptop_stays_out_of_reach(
+    bin_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A lived-in tailnet: members may reach everything. Headscale v0.29.0 then
+    no longer gives the relay its exit node through the `via` grant (the relay
+    stays not ready: it fails closed), so a Headscale tailnet uses the grant
+    without `via`, which the preflight accepts with a warning. The relay's
+    tag still reaches the internet only."""
+    policy = stack_policy_for_headscale()
+    policy["grants"] = [
+        {"src": ["autogroup:member"], "dst": ["*"], "ip": ["*"]},
+        {"src": [RELAY_TAG], "dst": ["autogroup:internet"], "ip": ["*"]},
+    ]
+    net = start_tailnet(tmp_path_factory.mktemp("members"), bin_dir, policy=policy)
+    try:
+        reached = net.reached()
+        assert reached["laptop"] == reached["exit-tailnet"] == reached["exit-tailnet6"] == [], reached
+        rc, out = hs_policy_check(net.t, policy)
+        assert rc == 0, out
+    finally:
+        net.t.close()
