@@ -219,7 +219,8 @@ build_kubernetes() {
         printf '// etcd, as upstream'"'"'s main.go runs it.\npackage main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\nfunc main() { etcdmain.Main(os.Args) }\n' > cmd/etcd/main.go
         {
             printf '//go:build tools\n\npackage tools\n\nimport (\n'
-            for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
+            # kubelet and kube-proxy always: issue 9 adds them to the same build.
+            for cmd in $(printf '%s\n' "${KUBE_CMDS[@]}" kubelet kube-proxy | sort -u); do
                 printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$cmd"
             done
             printf ')\n'

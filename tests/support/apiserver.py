@@ -34,6 +34,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -317,7 +318,34 @@ def _running_pid(cluster: Cluster, name: str) -> int | None:
     return pid
 
 
+# The Ports fields each component listens on.
+LISTENS: dict[str, tuple[str, ...]] = {
+    "etcd": ("etcd", "etcd_peer"),
+    "kube-apiserver": ("apiserver",),
+    "kube-controller-manager": ("controller_manager",),
+    "kube-scheduler": ("scheduler",),
+    "kwok": (),
+}
+
+
+def _check_ports_free(cluster: Cluster, name: str) -> None:
+    """Refuse to start beside another program on our port: its health checks would pass for ours."""
+    for field in LISTENS[name]:
+        port = getattr(cluster.ports, field)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as error:
+                env = PORT_ENV[field][0]
+                raise ClusterError(
+                    f"{name}: port 127.0.0.1:{port} is in use by another program ({error.strerror}); "
+                    f"stop it, or choose another port with {env}=<port>"
+                ) from error
+
+
 def _spawn(cluster: Cluster, name: str, args: Sequence[str]) -> int:
+    _check_ports_free(cluster, name)
     exe = os.path.realpath(bin_dir() / name)
     log = cluster.logs / f"{name}.log"
     with log.open("ab") as out:
