@@ -87,6 +87,15 @@ def missing_binaries() -> list[str]:
     return missing
 
 
+def require_binaries() -> None:
+    """For tests: skip naming `make engine-bins` when a binary is missing (fail under CI=true)."""
+    from tests.support.tools import missing  # pytest only where tests run
+
+    absent = missing_binaries()
+    if absent:
+        missing(f"the engine binaries {', '.join(absent)} (in {bin_dir()})", "make engine-bins")
+
+
 def _env_port(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
