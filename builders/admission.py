@@ -4,7 +4,7 @@ the stack alone.
 
 NetworkPolicies add up, so one extra policy with an open egress rule (many
 Helm charts ship `egress: [{}]`) would restore full egress; and anyone with
-edit rights in a namespace could delete the stack's policy. Three policies,
+edit rights in a namespace could delete the stack's policy. Four policies,
 each with its own binding, all named after the stack (many developer stacks
 share a cluster):
 
@@ -15,10 +15,12 @@ share a cluster):
   stack's own policy, written by the deployer, is let through unchecked, so
   that a change of relay namespace or ports is never caught between the old
   guard and the new policy.
-- `<prefix>-stack-objects`: the stack's NetworkPolicy and ConfigMap in each
-  protected namespace, and in the relay namespace every NetworkPolicy plus the
-  relay's Secret, Deployment and Service, are created, changed and deleted by
-  the deployer alone.
+- `<prefix>-stack-objects` and `<prefix>-stack-data`: the stack's
+  NetworkPolicy and ConfigMap in each protected namespace, and in the relay
+  namespace every NetworkPolicy plus the relay's Secret, Deployment and
+  Service, are created, changed and deleted by the deployer alone (two
+  policies, kinds with a `spec` and kinds with `data`, so that each type-checks
+  cleanly against every kind it matches).
 - `<prefix>-pod-security-labels`: the Pod Security labels of the protected and
   relay namespaces stay `restricted`, with version `latest` or a release not
   older than POD_SECURITY_VERSION_FLOOR; only the deployer changes them (so
@@ -102,9 +104,25 @@ def _cel_list(items: Sequence[str | int]) -> str:
     return "[" + ", ".join(cel_string(i) if isinstance(i, str) else str(i) for i in items) + "]"
 
 
-def policy_names(prefix: str) -> tuple[str, str, str]:
-    """(egress, stack objects, pod security labels): one policy and one binding each."""
-    return (f"{prefix}-egress-only-via-relay", f"{prefix}-stack-objects", f"{prefix}-pod-security-labels")
+def policy_names(prefix: str) -> tuple[str, str, str, str]:
+    """(egress, stack objects, stack data, pod security labels): one policy and one binding each."""
+    return (
+        f"{prefix}-egress-only-via-relay",
+        f"{prefix}-stack-objects",
+        f"{prefix}-stack-data",
+        f"{prefix}-pod-security-labels",
+    )
+
+
+# The stack's objects by the field that holds what they say: the API server
+# type-checks each policy against every kind it matches, so kinds with a
+# `spec` and kinds with `data` get a policy each.
+_SPEC_RESOURCES: Final = {
+    "": ("services",),
+    "apps": ("deployments", "deployments/scale"),
+    "networking.k8s.io": ("networkpolicies",),
+}
+_DATA_RESOURCES: Final = {"": ("configmaps", "secrets")}
 
 
 def _namespaces_named(names: Sequence[str]) -> Manifest:
@@ -285,33 +303,37 @@ def _unchanged(field: str) -> str:
     return f"(has({new}) ? has({old}) && {new} == {old} : !has({old}))"
 
 
-def stack_objects_policy(s: GuardSettings) -> Manifest:
-    name = policy_names(s.prefix)[1]
+def stack_objects_policy(s: GuardSettings, *, data: bool = False) -> Manifest:
+    """The stack's objects with a `spec` (NetworkPolicies, the relay's
+    Deployment and Service), or with `data` (ConfigMap, Secret)."""
+    name = policy_names(s.prefix)[2 if data else 1]
+    resources = _DATA_RESOURCES if data else _SPEC_RESOURCES
+    ours = {r.split("/")[0] for rs in resources.values() for r in rs}
+    relay_keys = [o.key for o in s.relay_objects if o.resource in ours]
+    protected_keys = [o.key for o in s.protected_objects if o.resource in ours]
     key = f"request.resource.group + '/' + request.resource.resource + '/' + {OBJECT_NAME}"
     relay_ns = cel_string(s.relay_namespace)
+    # In the relay namespace every NetworkPolicy is the stack's: a new one could open the relay's egress.
+    any_policy = "" if data else "request.resource.resource == 'networkpolicies' || "
     is_stack_object = (
         f"(request.namespace == {relay_ns}"
-        f" ? (request.resource.resource == 'networkpolicies' || {key} in {_cel_list([o.key for o in s.relay_objects])})"
-        f" : {key} in {_cel_list([o.key for o in s.protected_objects])})"
+        f" ? ({any_policy}{key} in {_cel_list(relay_keys)})"
+        f" : {key} in {_cel_list(protected_keys)})"
     )
     # A namespace being deleted is emptied by the namespace controller.
     namespace_going = "request.operation == 'DELETE' && has(namespaceObject.metadata.deletionTimestamp)"
     # The garbage collector takes `foregroundDeletion` off an object that the
     # deployer deletes; the body must stay as it is.
-    finalizer_update = "request.operation == 'UPDATE' && has(oldObject.metadata.deletionTimestamp) && " + " && ".join(
-        _unchanged(f) for f in ("spec", "data", "binaryData")
+    finalizer_update = "request.operation == 'UPDATE' && has(oldObject.metadata.deletionTimestamp) && " + _unchanged(
+        "data" if data else "spec"
     )
     message = (
         f"belongs to tailscale-egress stack {s.prefix}: only {s.deployer!r}, the identity that deploys the stack,"
         " may create, change or delete it (in the relay namespace, any NetworkPolicy). Change the stack's"
         " configuration and run pulumi up instead"
     )
-    rules = [
-        _rule("", ["configmaps", "secrets", "services"], ["CREATE", "UPDATE", "DELETE"]),
-        # deployments/scale too: `kubectl scale` changes the relay without touching `deployments`.
-        _rule("apps", ["deployments", "deployments/scale"], ["CREATE", "UPDATE", "DELETE"]),
-        _rule("networking.k8s.io", ["networkpolicies"], ["CREATE", "UPDATE", "DELETE"]),
-    ]
+    # deployments/scale too: `kubectl scale` changes the relay without touching `deployments`.
+    rules = [_rule(group, rs, ["CREATE", "UPDATE", "DELETE"]) for group, rs in resources.items()]
     return _policy(
         name,
         rules,
@@ -331,7 +353,7 @@ def stack_objects_policy(s: GuardSettings) -> Manifest:
 
 
 def pod_security_policy(s: GuardSettings) -> Manifest:
-    name = policy_names(s.prefix)[2]
+    name = policy_names(s.prefix)[3]
     labels = "variables.labels"
     level = " && ".join(
         f"'pod-security.kubernetes.io/{m}' in {labels} && {labels}['pod-security.kubernetes.io/{m}'] == 'restricted'"
@@ -372,14 +394,16 @@ def pod_security_policy(s: GuardSettings) -> Manifest:
 
 
 def admission_guard(s: GuardSettings) -> list[Manifest]:
-    """The three policies, each followed by its binding."""
-    egress_name, objects_name, labels_name = policy_names(s.prefix)
+    """The four policies, each followed by its binding."""
+    egress_name, objects_name, data_name, labels_name = policy_names(s.prefix)
     all_namespaces = [*s.protected_namespaces, s.relay_namespace]
     return [
         egress_policy(s),
         _binding(egress_name, {"namespaceSelector": _namespaces_named(s.protected_namespaces)}),
         stack_objects_policy(s),
         _binding(objects_name, {"namespaceSelector": _namespaces_named(all_namespaces)}),
+        stack_objects_policy(s, data=True),
+        _binding(data_name, {"namespaceSelector": _namespaces_named(all_namespaces)}),
         pod_security_policy(s),
         _binding(
             labels_name,

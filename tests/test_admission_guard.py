@@ -155,7 +155,7 @@ ORDINARY: dict[str, Any] = {
 
 
 class TestWhatIsDeployed:
-    def test_three_policies_each_bound_to_deny(self) -> None:
+    def test_four_policies_each_bound_to_deny(self) -> None:
         found = guard(dev())
         names = policy_names(prefix("dev"))
         assert sorted(found) == sorted([f"{VAP}/{n}" for n in names] + [f"{BINDING}/{n}" for n in names])
@@ -174,12 +174,13 @@ class TestWhatIsDeployed:
         egress = guard(pinned())[f"{BINDING}/{policy_names(prefix('pinned'))[0]}"]
         assert namespaces_selected(egress) == ["default", "team-a", "team-b"]
 
-    def test_stack_objects_guard_binds_the_protected_and_relay_namespaces(self) -> None:
-        objects = guard(pinned())[f"{BINDING}/{policy_names(prefix('pinned'))[1]}"]
+    @pytest.mark.parametrize("which", [1, 2], ids=["stack-objects", "stack-data"])
+    def test_stack_objects_guards_bind_the_protected_and_relay_namespaces(self, which: int) -> None:
+        objects = guard(pinned())[f"{BINDING}/{policy_names(prefix('pinned'))[which]}"]
         assert namespaces_selected(objects) == ["default", "tailscale-egress", "team-a", "team-b"]
 
     def test_label_guard_covers_the_protected_and_relay_namespaces_by_name(self) -> None:
-        labels = guard(pinned())[f"{BINDING}/{policy_names(prefix('pinned'))[2]}"]
+        labels = guard(pinned())[f"{BINDING}/{policy_names(prefix('pinned'))[3]}"]
         (rule,) = labels["spec"]["matchResources"]["resourceRules"]
         assert rule["resources"] == ["namespaces"]
         assert rule["resourceNames"] == ["default", "tailscale-egress", "team-a", "team-b"]
