@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,27 @@ class Ports:
     def from_env(cls) -> Ports:
         values = {field: _env_port(env, default) for field, (env, default) in PORT_ENV.items()}
         return cls(**values)
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Ports the kernel says are free now: for a test session beside another cluster."""
+        with contextlib.ExitStack() as stack:
+            values = {}
+            for field in PORT_ENV:
+                probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                probe.bind(("127.0.0.1", 0))
+                values[field] = int(probe.getsockname()[1])
+        return cls(**values)
+
+
+def _known_ports(state_dir: Path) -> Ports:
+    """The ports of the cluster running from `state_dir`, else those of the environment."""
+    try:
+        saved = Ports(**json.loads((state_dir / "ports.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return Ports.from_env()
+    cluster = Cluster(state_dir=state_dir, ports=saved)
+    return saved if any(_running_pid(cluster, name) for name in BINARIES) else Ports.from_env()
 
 
 @dataclass(frozen=True)
@@ -588,16 +609,18 @@ def _locked(state_dir: Path) -> Iterator[None]:
 
 def status(state_dir: Path = DEFAULT_STATE_DIR) -> dict[str, int | None]:
     """Which of our components run (name: pid, or None)."""
-    cluster = Cluster(state_dir=state_dir, ports=Ports.from_env())
+    cluster = Cluster(state_dir=state_dir.resolve(), ports=Ports.from_env())
     return {name: _running_pid(cluster, name) for name in BINARIES}
 
 
-def start(state_dir: Path = DEFAULT_STATE_DIR, fresh: bool = False) -> Cluster:
+def start(state_dir: Path = DEFAULT_STATE_DIR, fresh: bool = False, ports: Ports | None = None) -> Cluster:
     """Start what is not running yet and wait until the cluster is usable.
 
     Usable: /readyz is ok, the `default` namespace and its `default` service
     account exist, and kwok's node is Ready. `fresh` stops a running cluster and
-    wipes its data first.
+    wipes its data first. `ports`: default those of the cluster already running
+    from `state_dir`, else the environment's (`PORT_ENV`); a test session that
+    must not meet `make cluster-api` passes its own state_dir and `Ports.free()`.
     """
     missing = missing_binaries()
     if missing:
@@ -608,8 +631,11 @@ def start(state_dir: Path = DEFAULT_STATE_DIR, fresh: bool = False) -> Cluster:
         raise MissingBinaryError("`openssl` is not installed; install it with: apt-get install openssl")
     if fresh:
         stop(state_dir, keep_data=False)
+    state_dir = state_dir.resolve()
     with _locked(state_dir):
-        return _start(Cluster(state_dir=state_dir.resolve(), ports=Ports.from_env()))
+        cluster = Cluster(state_dir=state_dir, ports=ports or _known_ports(state_dir))
+        (state_dir / "ports.json").write_text(json.dumps(asdict(cluster.ports)) + "\n")
+        return _start(cluster)
 
 
 def _start(cluster: Cluster) -> Cluster:
@@ -660,7 +686,7 @@ def stop(state_dir: Path = DEFAULT_STATE_DIR, keep_data: bool = False) -> list[s
     Certificates, the kubeconfig and the logs stay (the next start reuses the
     certificates; the logs are for reading after a failure).
     """
-    cluster = Cluster(state_dir=state_dir.resolve(), ports=Ports.from_env())
+    cluster = Cluster(state_dir=state_dir.resolve(), ports=_known_ports(state_dir.resolve()))
     with _locked(cluster.state_dir):
         stopped = [name for name in STOP_ORDER if _stop_process(cluster, name)]
         if not keep_data:
@@ -686,9 +712,9 @@ def describe(cluster: Cluster) -> str:
 
 
 @contextlib.contextmanager
-def running(state_dir: Path = DEFAULT_STATE_DIR, fresh: bool = True) -> Iterator[Cluster]:
+def running(state_dir: Path = DEFAULT_STATE_DIR, fresh: bool = True, ports: Ports | None = None) -> Iterator[Cluster]:
     """A cluster for the length of a `with` block (for a pytest session fixture)."""
-    cluster = start(state_dir, fresh=fresh)
+    cluster = start(state_dir, fresh=fresh, ports=ports)
     try:
         yield cluster
     finally:
