@@ -78,12 +78,9 @@ new_module() {
     printf 'module %s\n\ngo 1.26\n' "$2" > "$1/go.mod"
 }
 
-timed() {
-    local name=$1 start
-    shift
-    start=$(date +%s)
-    "$@"
-    echo "$name: $(($(date +%s) - start)) s"
+# took <name> <start epoch>: how long a component took (cold builds: minutes).
+took() {
+    echo "$1: $(($(date +%s) - $2)) s"
 }
 
 build_pulumi() {
@@ -177,7 +174,8 @@ build_provider() {
 # so that the packages they share compile once. etcd is the version
 # k8s.io/kubernetes itself requires (its integration tests embed it), built
 # from a wrapper around etcdmain.
-KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler ${KUBE_EXTRA:-})
+read -r -a KUBE_EXTRA_CMDS <<< "${KUBE_EXTRA:-}"
+KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler "${KUBE_EXTRA_CMDS[@]}")
 build_kubernetes() {
     local kdir="$BIN/kubernetes-$KUBERNETES_VERSION" edir="$BIN/etcd-$ETCD_VERSION"
     local mod="$SRC/kubernetes-$KUBERNETES_VERSION" log="$kdir/build.log"
@@ -286,14 +284,17 @@ main() {
     local components=("$@")
     [[ ${#components[@]} -gt 0 ]] || components=(pulumi provider kubernetes kwok)
     mkdir -p "$BIN" "$SRC"
+    local c start
     for c in "${components[@]}"; do
+        start=$(date +%s)
         case "$c" in
-            pulumi) timed pulumi build_pulumi ;;
-            provider) timed provider build_provider ;;
-            kubernetes | etcd) timed kubernetes+etcd build_kubernetes ;;
-            kwok) timed kwok build_kwok ;;
+            pulumi) build_pulumi ;;
+            provider) build_provider ;;
+            kubernetes | etcd) build_kubernetes ;;
+            kwok) build_kwok ;;
             *) die "unknown component '$c' (known: pulumi provider kubernetes etcd kwok)" ;;
         esac
+        took "$c" "$start"
         cd "$CACHE"
     done
     cat > "$BIN/ENGINE-VERSIONS" <<VERSIONS
