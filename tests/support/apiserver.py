@@ -17,9 +17,12 @@ in `run/`); nothing else on the machine is touched.
     python -m tests.support.apiserver stop      # `make cluster-api-down`
     python -m tests.support.apiserver status
 
-Tests: `cluster = start()` returns the same `Cluster` the CLI prints; `stop()`.
-Ports are fixed loopback ports below the ephemeral range, overridable by env
-(`TS_EGRESS_APISERVER_PORT` and friends, see `Ports`).
+Tests: `require_binaries()`, then `with running(state_dir, ports=Ports.free()) as
+cluster:` (their own directory and ports, so that a cluster someone started with
+`make cluster-api` is left alone); `cluster.kubeconfig`, `cluster.context("alice")`,
+`cluster.request(...)`. The CLI's ports are fixed loopback ports below the
+ephemeral range, overridable by env (`TS_EGRESS_APISERVER_PORT` and friends,
+see `PORT_ENV`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -418,7 +421,7 @@ def _log_tail(cluster: Cluster, name: str, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
-def _wait(cluster: Cluster, name: str, what: str, ready: Any, timeout: float = START_TIMEOUT) -> None:
+def _wait(cluster: Cluster, name: str, what: str, ready: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
     """Poll `ready()` until true; fail naming the component's log if it exits or times out."""
     deadline = time.monotonic() + timeout
     while True:
