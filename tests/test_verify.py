@@ -642,8 +642,10 @@ def test_no_relay_pod_is_a_fail() -> None:
 
 def test_bad_input_is_reported_before_anything_is_created(capsys: pytest.CaptureFixture[str]) -> None:
     runner = Scripted()
-    code = verify.main(["--namespace", "default", "--context", "x", "--kubectl", "true", "--uid", "0"], runner)
+    argv = ["--namespace", "default", "--context", "x", "--kubectl", "true", "--uid", "0", "--lan-ip", "10.0.0.1:0"]
+    code = verify.main(argv, runner)
     assert code == 2
     assert runner.calls == []
     err = capsys.readouterr().err
-    assert "--expect-exit-ip" in err and "--uid 0" in err
+    # Every problem at once, each with the flag, the value and what would do.
+    assert "--expect-exit-ip IP" in err and "--uid 0" in err and "--lan-ip '10.0.0.1:0'" in err

@@ -925,13 +925,17 @@ def config_from_args(args: argparse.Namespace, runner: Runner = subprocess_runne
     echo = urlsplit(args.echo_url)
     if echo.scheme not in ("http", "https") or not echo.hostname:
         problems.append(f"--echo-url {args.echo_url!r}: must be an http:// or https:// URL (e.g. {DEFAULT_ECHO_URL})")
+    targets: tuple[Target, ...] = ()
+    given = {"internet": args.internet_ip or DEFAULT_INTERNET_IPS, "host": args.host_ip or DEFAULT_HOST_IPS}
+    given |= {"lan": args.lan_ip or DEFAULT_LAN_IPS, "metadata": (METADATA_IP,)}
+    for category, specs in given.items():
+        for spec in specs:
+            try:
+                targets += (parse_target(category, spec),)
+            except VerifyError as err:
+                problems.append(str(err))
     if problems:
         raise VerifyError("\n  ".join(["cannot verify:", *problems]))
-    targets = default_targets(
-        internet=args.internet_ip or DEFAULT_INTERNET_IPS,
-        host=args.host_ip or DEFAULT_HOST_IPS,
-        lan=args.lan_ip or DEFAULT_LAN_IPS,
-    )
     return VerifyConfig(
         namespaces=namespaces,
         relay_namespace=relay_ns or "tailscale-egress",
