@@ -134,7 +134,7 @@ build_pause() {
 image() {
     local archive="$IMAGES/$1.tar" name=$2 uid=$3 entry=$4 cmd=$5 rootfs=$6
     local work="$IMAGES/.work-$1" stamp sum
-    sum=$( (echo "$name $uid $entry $cmd"; cd "$rootfs" && find . -printf '%p %l %m\n' | sort && find . -type f -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16)
+    sum=$( (echo "normalized-name $name $uid $entry $cmd"; cd "$rootfs" && find . -printf '%p %l %m\n' | sort && find . -type f -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16)
     stamp="$archive.$sum"
     if [[ -f "$archive" && -f "$stamp" ]]; then
         echo "up to date: $archive ($name)"
@@ -153,10 +153,17 @@ image() {
     while read -r x; do [[ -n $x ]] && cfg+=(--config.cmd "$x"); done < <(python3 -c 'import json,sys; print("\n".join(json.loads(sys.argv[1])))' "$cmd")
     umoci config "${cfg[@]}"
     umoci gc --layout "$work/oci"
-    # containerd names an imported image after this annotation.
+    # containerd names an imported image after this annotation; the kubelet
+    # asks for the normalized reference (local/probe:1 is
+    # docker.io/local/probe:1), so that is the name to give.
     python3 - "$work/oci/index.json" "$name" <<'PY'
 import json, sys
 path, name = sys.argv[1], sys.argv[2]
+first = name.split("/", 1)[0]
+if "/" not in name:
+    name = "docker.io/library/" + name
+elif "." not in first and ":" not in first and first != "localhost":
+    name = "docker.io/" + name
 idx = json.load(open(path))
 for m in idx["manifests"]:
     m.setdefault("annotations", {})["io.containerd.image.name"] = name

@@ -565,6 +565,9 @@ class Cluster:
             self._up_node()
             self._up_addons()
         except BaseException:
+            if os.environ.get("TSE_CLUSTER_KEEP_ON_FAILURE"):
+                print("cluster-up failed: left running for a look (make cluster-down removes it)", file=sys.stderr)
+                raise
             print("cluster-up failed: tearing down what was started", file=sys.stderr)
             with contextlib.suppress(Exception):
                 self.down(keep_logs=True)
@@ -594,6 +597,13 @@ class Cluster:
         script = " && ".join(
             [
                 "mount -t tmpfs -o mode=755,size=256m tse-run /run",
+                # A sysfs of the node's network namespace (its /sys/class/net),
+                # with the host's cgroup hierarchies moved onto it.
+                "mkdir /run/tse-cgroup",
+                "mount --rbind /sys/fs/cgroup /run/tse-cgroup",
+                "mount -t sysfs tse-sysfs /sys",
+                "mount --move /run/tse-cgroup /sys/fs/cgroup",
+                "rmdir /run/tse-cgroup",
                 "mount -t tmpfs -o mode=755,size=1g tse-varlib /var/lib",
                 "mount -t tmpfs -o mode=755,size=256m tse-varlog /var/log",
                 "mkdir -p /run/netns /var/lib/cni /var/log/pods /var/log/containers",
@@ -604,10 +614,10 @@ class Cluster:
         self.logs.mkdir(parents=True, exist_ok=True)
         holder = subprocess.Popen(
             [
-                "ip",
-                "netns",
-                "exec",
-                self.ns(NODE_ROLE),
+                # nsenter, not `ip netns exec`: that one replaces /sys, cgroups included.
+                "nsenter",
+                f"--net=/run/netns/{self.ns(NODE_ROLE)}",
+                "--",
                 "unshare",
                 "--mount",
                 "--propagation",
@@ -628,7 +638,7 @@ class Cluster:
         )
         if holder.poll() is not None:
             raise ClusterError(f"node holder exited: {(self.logs / 'holder.log').read_text()}")
-        # `ip netns exec` forks nothing (it execs): the holder's pid is the
+        # nsenter and unshare fork nothing (they exec): the holder's pid is the
         # process whose namespaces everything else enters.
         self.state.holder = holder.pid
         for kv in (
