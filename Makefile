@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Go as the machine images install it, in case it is not on PATH already.
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: help venv tools test lint datapath-bins test-datapath engine-bins cluster-api cluster-api-down test-all render preview up destroy bench bench-datapath clean policy-venv lint-bins
+.PHONY: help venv tools test lint datapath-bins test-datapath engine-bins cluster-api cluster-api-down test-engine bench-engine test-all render preview up destroy bench bench-datapath clean policy-venv lint-bins
 
 # Every target with a "## " comment, with that comment.
 help: ## this list
@@ -74,7 +74,16 @@ cluster-api: venv ## start etcd, kube-apiserver, controller manager, scheduler a
 cluster-api-down: venv ## stop what cluster-api started and wipe its data
 	$(PY) -m tests.support.apiserver stop
 
-test-all: lint test test-datapath ## what CI runs: lint, the fast suite and the data-path suite
+# The real engine against the real API server: pulumi preview/up/destroy of
+# the cluster-only stack, Pod Security and the admission guard for real.
+test-engine: venv engine-bins ## the real Pulumi engine against a real API server (Linux)
+	bash scripts/install-test-tools.sh --engine
+	$(PY) -m pytest -m engine tests/engine -v
+
+bench-engine: venv engine-bins ## time pulumi preview and up of 1 and 20 namespaces against one ConfigMap
+	$(PY) tools/bench_engine.py
+
+test-all: lint lint-bins test test-datapath test-engine ## what CI runs: lint, the fast suite, the data path and the engine
 
 render: venv ## write every object of STACK to build/render/STACK, no CLI or credentials
 	$(PY) tools/render.py $(STACK)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pulumi
 import pulumi_tailscale as tailscale
 import yaml
 
+from builders.kube import POD_SECURITY_LABELS
 from builders.tailnet_policy import (
     UnsafePolicyError,
     merged_policy,
@@ -158,8 +160,59 @@ def check_environment(cfg: StackConfig) -> None:
             f"tailscale-egress:cluster.context = {cfg.cluster.context!r}: the API server {server} is not reachable"
             f" ({why}). Start Rancher Desktop (Kubernetes enabled), then run again"
         )
+    if not problems:
+        problems += protected_namespace_problems(cfg, existing_namespaces(cfg))
     if problems:
         raise PreflightError("cannot deploy yet:\n  - " + "\n  - ".join(problems))
+
+
+def existing_namespaces(cfg: StackConfig) -> dict[str, dict[str, str]]:
+    """Each namespace of the cluster with its labels (`kubectl get namespaces`)."""
+    command = ["kubectl", "get", "namespaces", "--output", "json", "--context", cfg.cluster.context]
+    if cfg.cluster.kubeconfig:
+        command += ["--kubeconfig", str(Path(cfg.cluster.kubeconfig).expanduser())]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    except FileNotFoundError:
+        raise PreflightError(
+            "kubectl is not on PATH (the preflight reads the protected namespaces' labels with it): install kubectl"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise PreflightError(f"`{' '.join(command)}` did not answer in 30 s: is the cluster up?") from None
+    if done.returncode != 0:
+        raise PreflightError(f"`{' '.join(command)}` failed: {(done.stderr or done.stdout).strip()}")
+    items = json.loads(done.stdout).get("items", [])
+    return {i["metadata"]["name"]: dict(i["metadata"].get("labels") or {}) for i in items}
+
+
+def protected_namespace_problems(cfg: StackConfig, existing: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """What stops the stack from labelling the namespaces it does not create.
+
+    Such a namespace must exist, and any Pod Security label it carries must
+    already have the stack's value: the stack would otherwise take the label
+    over (server-side apply refuses, as a conflict with its other manager),
+    and `pulumi destroy` would then remove it instead of giving it back.
+    """
+    problems = []
+    for i, ns in enumerate(cfg.cluster.protected_namespaces):
+        key = f"tailscale-egress:cluster.protectedNamespaces[{i}] = {ns.name!r}"
+        if ns.create:
+            continue
+        if ns.name not in existing:
+            problems.append(
+                f"{key}: no such namespace in context {cfg.cluster.context!r}; create it"
+                f" (kubectl create namespace {ns.name}) or let the stack create it ({{name: {ns.name}, create: true}})"
+            )
+            continue
+        labels = existing[ns.name]
+        for label, value in POD_SECURITY_LABELS.items():
+            if label in labels and labels[label] != value:
+                problems.append(
+                    f"{key}: the namespace has {label}={labels[label]} and the stack sets {value}; destroy could not"
+                    f" give that label back. Set it first (kubectl label --overwrite namespace {ns.name}"
+                    f" {label}={value}) or remove it (kubectl label namespace {ns.name} {label}-), then run again"
+                )
+    return problems
 
 
 def config_key_is_set(key: str) -> bool:

@@ -25,6 +25,8 @@ def _missing() -> list[str]:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[apiserver.Cluster]:
+    # The program's preflight and the tests run kubectl: the one built with the API server.
+    os.environ["PATH"] = f"{apiserver.bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"
     missing = _missing()
     if missing:
         message = f"not built: {', '.join(missing)}; run `make engine-bins`"
