@@ -352,3 +352,33 @@ def test_the_stack_file_check_refuses_unknown_keys_and_bad_values(tmp_path: Path
     )
     assert "tailscale-egress:exitNode.sshAllowedCidrs = ['0.0.0.0/0']: 0.0.0.0/0 opens SSH" in done.stderr
     assert "tailscale-egress:cluster.relayImage = 'ghcr.io/tailscale/tailscale:stable': must be pinned" in done.stderr
+
+
+# The namespaces the stack labels in place: read from the cluster before anything is created.
+
+
+def test_a_namespace_to_label_that_does_not_exist_is_named_with_the_fix() -> None:
+    from preflight import protected_namespace_problems
+
+    cfg = parse_config({"cluster": {"protectedNamespaces": ["default", "team-x", {"name": "new", "create": True}]}})
+    (problem,) = protected_namespace_problems(cfg, {"default": {}})
+    assert problem.startswith("tailscale-egress:cluster.protectedNamespaces[1] = 'team-x': no such namespace")
+    assert "kubectl create namespace team-x" in problem and "{name: team-x, create: true}" in problem
+
+
+def test_a_pod_security_label_of_another_value_is_refused_and_the_same_value_is_fine() -> None:
+    from preflight import protected_namespace_problems
+
+    cfg = parse_config({"cluster": {"protectedNamespaces": ["default", "team-a"]}})
+    existing = {
+        "default": {"pod-security.kubernetes.io/enforce": "restricted", "team": "x"},
+        "team-a": {"pod-security.kubernetes.io/enforce": "baseline"},
+    }
+    (problem,) = protected_namespace_problems(cfg, existing)
+    assert problem == (
+        "tailscale-egress:cluster.protectedNamespaces[1] = 'team-a': the namespace has"
+        " pod-security.kubernetes.io/enforce=baseline and the stack sets restricted; destroy could not give that"
+        " label back. Set it first (kubectl label --overwrite namespace team-a"
+        " pod-security.kubernetes.io/enforce=restricted) or remove it (kubectl label namespace team-a"
+        " pod-security.kubernetes.io/enforce-), then run again"
+    )
