@@ -175,7 +175,7 @@ build_provider() {
 # k8s.io/kubernetes itself requires (its integration tests embed it), built
 # from a wrapper around etcdmain.
 read -r -a KUBE_EXTRA_CMDS <<< "${KUBE_EXTRA:-}"
-KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler "${KUBE_EXTRA_CMDS[@]}")
+KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl "${KUBE_EXTRA_CMDS[@]}")
 build_kubernetes() {
     local kdir="$BIN/kubernetes-$KUBERNETES_VERSION" edir="$BIN/etcd-$ETCD_VERSION"
     local mod="$SRC/kubernetes-$KUBERNETES_VERSION" log="$kdir/build.log"

@@ -32,7 +32,8 @@ PROJECT = "tailscale-egress"
 PASSPHRASE = "engine-tests-only"
 # The provider release the engine runs; requirements.txt pins the SDK to it.
 KUBERNETES_PROVIDER_VERSION = "4.25.0"
-ENGINE_BINARIES = ("pulumi", "pulumi-resource-kubernetes")
+# kubectl: the program's preflight reads the cluster with it.
+ENGINE_BINARIES = ("pulumi", "pulumi-resource-kubernetes", "kubectl")
 
 
 def missing_engine_binaries() -> list[str]:
