@@ -117,7 +117,9 @@ def test_existing_namespaces_are_only_labelled_and_new_ones_are_created() -> Non
 
 
 def test_system_and_other_namespaces_are_untouched() -> None:
-    touched = {m["metadata"].get("namespace") or m["metadata"]["name"] for m in kube_objects(pinned())}
+    objects = kube_objects(pinned())
+    touched = {m["metadata"]["namespace"] for m in objects if "namespace" in m["metadata"]}
+    touched |= {m["metadata"]["name"] for m in objects if m["kind"] == "Namespace"}
     assert touched == {"default", "team-a", "team-b", "tailscale-egress", "tailscale-egress-node-guard"}
 
 
