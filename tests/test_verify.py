@@ -576,6 +576,23 @@ def test_a_probe_left_by_an_earlier_run_is_removed_first() -> None:
         assert "app.kubernetes.io/name=tailscale-egress-verify" in first[first.index("-l") + 1]
 
 
+def test_the_sweep_reports_only_what_it_deleted() -> None:
+    logged: list[str] = []
+    runner = Scripted(lambda argv: Completed(0, "connected_in=0.000\ncurl_exit=7\n", ""))
+    original = runner.__call__
+    sweeps: list[str] = []
+
+    def sweeping(argv: Sequence[str], timeout: float, stdin: str | None) -> Completed:
+        if _verb(argv)[0] == "delete" and "-l" in argv:
+            sweeps.append(argv[argv.index("-n") + 1])
+            return Completed(0, "No resources found\n" if len(sweeps) == 1 else 'pod "old" deleted\n', "")
+        return original(argv, timeout, stdin)
+
+    verify.run_verify(_config(namespaces=("a", "b")), sweeping, log=logged.append)
+    removed = [line for line in logged if "left by an earlier run" in line]
+    assert removed == ['b: removed a probe pod left by an earlier run: pod "old" deleted']
+
+
 def test_a_refused_probe_pod_is_a_fail_and_nothing_is_left() -> None:
     runner = Scripted()
     original = runner.__call__

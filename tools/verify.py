@@ -630,11 +630,16 @@ def _wait_running(kube: Kubectl, ns: str, name: str, timeout: float) -> str | No
     """None once the pod runs and is ready; otherwise why not."""
     deadline = time.monotonic() + timeout
     last = "not scheduled yet"
+    failures = 0
     while time.monotonic() < deadline:
         pod, error = kube.json("get", "pod", name, "-n", ns)
         if pod is None:
             last = error
+            failures += 1
+            if failures >= 10:  # the API server or the kubeconfig is gone, not a slow pod
+                return f"cannot read the pod: {error}"
         else:
+            failures = 0
             status = pod.get("status", {})
             phase = status.get("phase", "")
             states = [s.get("state", {}) for s in status.get("containerStatuses", [])]
@@ -664,8 +669,9 @@ _DELETE_FLAGS: Final = ("--ignore-not-found", "--grace-period=1", "--wait=true",
 def _cleanup_leftovers(kube: Kubectl, ns: str, log: Log) -> None:
     selector = ",".join(f"{k}={v}" for k, v in PROBE_LABELS.items())
     done = kube.run("delete", "pod", "-n", ns, "-l", selector, *_DELETE_FLAGS, timeout=75)
-    if done.rc == 0 and done.stdout.strip():
-        log(f"{ns}: removed a probe pod left by an earlier run: {_one_line(done.stdout)}")
+    deleted = [line for line in done.stdout.splitlines() if line.rstrip().endswith("deleted")]
+    if done.rc == 0 and deleted:
+        log(f"{ns}: removed a probe pod left by an earlier run: {_one_line(' '.join(deleted))}")
 
 
 def _delete_probe(kube: Kubectl, ns: str, name: str, log: Log) -> None:
