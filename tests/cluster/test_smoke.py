@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.datapath.topology import ECHO_NAME
 from tests.support.cluster_env import (
     API_SERVICE_IP,
     DNS_IP,
@@ -154,3 +155,14 @@ def test_cluster_dns_resolves_service_names(api: Api, open_ns: str) -> None:
     r = run_probe(api, open_ns, "dns", "kube-dns.kube-system", "-timeout", "4s")
     assert r["ok"], r
     assert r["addrs"] == [DNS_IP]
+
+
+def test_cluster_dns_forwards_other_names_to_the_hosts_resolver(cluster: Cluster, api: Api, open_ns: str) -> None:
+    """As on k3s: CoreDNS answers what is not a cluster name from the node's
+    resolv.conf, a resolver on the host, and the query leaves from the node."""
+    r = run_probe(api, open_ns, "dns", f"{ECHO_NAME}.", "-timeout", "4s")
+    assert r["ok"], r
+    assert r["addrs"] == [INTERNET_IP]
+    asked = [q for q in cluster.host_dns_queries() if q["name"] == ECHO_NAME]
+    assert asked, f"the host's resolver never saw {ECHO_NAME}: {cluster.host_dns_queries()}"
+    assert {q["peer"] for q in asked} == {NODE_IP}

@@ -54,7 +54,7 @@ import requests
 import urllib3
 import yaml
 
-from tests.datapath.topology import LINKS, ROUTER, Topology, TopologyError, cache_bin_dir, wait_for
+from tests.datapath.topology import ECHO_NAME, LINKS, ROUTER, Topology, TopologyError, cache_bin_dir, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "build" / "cluster"
@@ -483,6 +483,7 @@ class Cluster:
         self.pki = Pki(build / "pki")
         self.logs = build / "logs"
         self.kubeconfig = build / "kubeconfig"
+        self.host_dns_log = build / "host-dns-queries.jsonl"
         self.topo: Topology | None = None
         self.api: Api | None = None
         self.timings: dict[str, float] = {}
@@ -588,6 +589,24 @@ class Cluster:
         for role in ("internet", "lan"):
             p = topo.start_echo(role)
             self.state.pids[f"echo-{role}"] = p.pid
+        # The host's resolver, which CoreDNS forwards to (the node's resolv.conf).
+        dns = topo.spawn(
+            ROUTER,
+            "host-dns",
+            [
+                sys.executable,
+                "-m",
+                "tests.support.host_dns",
+                f"--addr={NODE_GATEWAY}",
+                f"--record={ECHO_NAME}={INTERNET_IP}",
+                f"--log={self.host_dns_log}",
+            ],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        self.state.pids["host-dns"] = dns.pid
+        wait_for("host resolver", lambda: "ready" in dns.log.read_text() or not dns.alive(), 15)
+        if not dns.alive():
+            raise ClusterError(f"host resolver exited:\n{dns.tail()}")
         # The node reaches the LAN, as a laptop's VM does (the router rejects
         # everything towards it but the relay's link otherwise).
         topo.run(ROUTER, ["iptables", "-I", "FORWARD", "1", "-i", f"v-{NODE_ROLE}", "-o", "v-lan", "-j", "ACCEPT"])
@@ -955,6 +974,12 @@ oom_score = 0
             self.api = Api.from_kubeconfig(self.kubeconfig, self.build / "client")
         return self.api
 
+    def host_dns_queries(self) -> list[dict[str, Any]]:
+        """Every query the host's resolver received (name, peer, rcode)."""
+        if not self.host_dns_log.exists():
+            return []
+        return [json.loads(x) for x in self.host_dns_log.read_text().splitlines() if x.strip()]
+
     def node_ready(self) -> bool:
         node = self._api().get("v1", "Node", NODE_NAME)
         if not node:
@@ -1060,6 +1085,7 @@ oom_score = 0
             f"node {NODE_NAME} in netns {self.ns(NODE_ROLE)} at {NODE_IP} (gateway {NODE_GATEWAY}: the router)",
             f"pods {NODE_POD_CIDR} on cni0, services {SERVICE_CIDR}, DNS {DNS_IP} (CoreDNS, k8s-app=kube-dns)",
             f"internet {INTERNET_IP} (echo :80/:443, {self.ns('internet')}); LAN {LAN_IP} ({self.ns('lan')})",
+            f"host resolver {NODE_GATEWAY}:53 (CoreDNS forwards there): {ECHO_NAME} -> {INTERNET_IP}, else NXDOMAIN",
             f"images: {PAUSE_IMAGE}, {PROBE_IMAGE}, {COREDNS_IMAGE}, ghcr.io/tailscale/tailscale (imported)",
             "processes (all in the node's namespaces but the forwarder and the echo servers):",
         ]
