@@ -97,7 +97,7 @@ def measure(engine: Engine, name: str, stack_config: dict[str, Any], program: Ca
 
 
 def main() -> int:
-    with apiserver.running(STATE / "cluster", fresh=True) as cluster:
+    with apiserver.running(STATE / "cluster", fresh=True, ports=apiserver.Ports.free()) as cluster:
         engine = Engine(STATE / "pulumi").setup()
         results = {
             "one ConfigMap": measure(engine, "bench-one", {}, one_configmap(cluster)),

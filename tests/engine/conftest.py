@@ -33,7 +33,8 @@ def cluster() -> Iterator[apiserver.Cluster]:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    with apiserver.running(STATE, fresh=True) as running:
+    # Free ports: a `make cluster-api` or a benchmark may be running beside the suite.
+    with apiserver.running(STATE / "cluster", fresh=True, ports=apiserver.Ports.free()) as running:
         yield running
 
 

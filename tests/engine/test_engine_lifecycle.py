@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pulumi import automation as auto
 
 from builders.names import StackNames
@@ -20,7 +22,7 @@ from tests.stacks import RELAY_AUTH_KEY, cluster_only_config, with_config
 from tests.support.apiserver import Cluster
 from tests.support.engine import Engine, events_of, export_state
 from tools.mockstack import evaluate
-from tools.render import manifests
+from tools.render import write_render
 
 pytestmark = pytest.mark.engine
 
@@ -88,11 +90,14 @@ def namespace_labels(cluster: Cluster, name: str) -> dict[str, str]:
     return dict(namespace["metadata"].get("labels", {}))
 
 
-def rendered(config: dict[str, Any], stack: str) -> list[dict[str, Any]]:
-    """What the mock render says the stack applies (secrets redacted)."""
+def rendered(config: dict[str, Any], stack: str, out: Path) -> list[dict[str, Any]]:
+    """The files `make render` writes to build/render/<stack>/manifests/ (secrets redacted)."""
     evaluation = evaluate(config, stack, secret_keys=(RELAY_AUTH_KEY,))
     assert evaluation.error is None, evaluation.error
-    return manifests(evaluation)
+    write_render(evaluation, out)
+    files = sorted((out / "manifests").glob("*.yaml"))
+    assert files, f"render wrote nothing to {out}"
+    return [yaml.safe_load(f.read_text()) for f in files]
 
 
 def identity(manifest: dict[str, Any]) -> tuple[str, str | None, str]:
@@ -177,9 +182,11 @@ def test_preview_lists_exactly_the_resources_the_program_means_to_create(cluster
 # 2 and 9. up: the objects are there, as the render says
 
 
-def test_every_rendered_object_is_what_the_api_server_holds(cluster: Cluster, deployed: auto.Stack) -> None:
+def test_every_rendered_object_is_what_the_api_server_holds(
+    cluster: Cluster, deployed: auto.Stack, tmp_path: Path
+) -> None:
     differences = []
-    for manifest in rendered(alice_config(cluster), STACK):
+    for manifest in rendered(alice_config(cluster), STACK, tmp_path / "render"):
         kind, namespace, name = identity(manifest)
         actual = read(cluster, kind, name, namespace)
         if actual is None:
@@ -379,7 +386,7 @@ def inventory(cluster: Cluster, namespaces: list[str]) -> list[tuple[str, str, s
     ids=["wrong-context", "unreachable-api-server", "missing-relay-key"],
 )
 def test_bad_input_is_named_and_nothing_deployed_is_touched(
-    change: dict[str, Any], expected: list[str], cluster: Cluster, engine: Engine, deployed: auto.Stack, tmp_path: Any
+    change: dict[str, Any], expected: list[str], cluster: Cluster, engine: Engine, deployed: auto.Stack, tmp_path: Path
 ) -> None:
     good = alice_config(cluster)
     namespaces = ["default", "team-a", LABELLED, "egress-alice"]
