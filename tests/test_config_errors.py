@@ -12,7 +12,7 @@ import pulumi
 import pytest
 
 from config import ConfigError, StackConfig, parse_config
-from preflight import PreflightError
+from preflight import PreflightError, protected_namespace_problems
 from tests.stacks import dev_config, pinned_config, repo_path, with_config
 from tools.check_stack_file import main as check_stack_file_main
 from tools.mockstack import FakeProviders, evaluate
@@ -358,8 +358,6 @@ def test_the_stack_file_check_refuses_unknown_keys_and_bad_values(tmp_path: Path
 
 
 def test_a_namespace_to_label_that_does_not_exist_is_named_with_the_fix() -> None:
-    from preflight import protected_namespace_problems
-
     cfg = parse_config({"cluster": {"protectedNamespaces": ["default", "team-x", {"name": "new", "create": True}]}})
     (problem,) = protected_namespace_problems(cfg, {"default": {}})
     assert problem.startswith("tailscale-egress:cluster.protectedNamespaces[1] = 'team-x': no such namespace")
@@ -367,8 +365,6 @@ def test_a_namespace_to_label_that_does_not_exist_is_named_with_the_fix() -> Non
 
 
 def test_a_pod_security_label_of_another_value_is_refused_and_the_same_value_is_fine() -> None:
-    from preflight import protected_namespace_problems
-
     cfg = parse_config({"cluster": {"protectedNamespaces": ["default", "team-a"]}})
     existing = {
         "default": {"pod-security.kubernetes.io/enforce": "restricted", "team": "x"},
