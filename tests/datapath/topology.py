@@ -480,45 +480,10 @@ class Topology:
 
     def create(self) -> None:
         self.reap_stale()
-        roles = [ROUTER, *LINKS]
-        for role in roles:
-            self._host(["ip", "netns", "add", self.ns(role)])
-            self.namespaces.append(self.ns(role))
-            etc = Path("/etc/netns") / self.ns(role)
-            etc.mkdir(parents=True, exist_ok=True)
-            # No resolver anywhere: lookups fail fast instead of leaving the topology.
-            (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-            (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
-            self.run(role, ["ip", "link", "set", "lo", "up"])
+        self._add_namespace(ROUTER)
         self.run(ROUTER, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         for role, (subnet, leaf) in LINKS.items():
-            net = ipaddress.ip_network(subnet)
-            gw = str(next(net.hosts()))
-            rt_if = f"v-{role}"
-            self._host(
-                [
-                    "ip",
-                    "link",
-                    "add",
-                    rt_if,
-                    "netns",
-                    self.ns(ROUTER),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    self.ns(role),
-                ]
-            )
-            self.run(ROUTER, ["ip", "addr", "add", f"{gw}/{net.prefixlen}", "dev", rt_if])
-            self.run(ROUTER, ["ip", "link", "set", rt_if, "up"])
-            self.run(role, ["ip", "addr", "add", f"{leaf}/{net.prefixlen}", "dev", "eth0"])
-            self.run(role, ["ip", "link", "set", "eth0", "up"])
-            # Default route to the router only: the router has no default route,
-            # so nothing can leave the topology.
-            self.run(role, ["ip", "route", "add", "default", "via", gw])
+            self.add_leaf(role, subnet, leaf)
         # The "pod network": the workload may reach only the relay's proxy ports
         # (stand-in for the protected namespace's NetworkPolicy); set in
         # restrict_workload() once the ports are known from the render.
@@ -855,39 +820,30 @@ class Topology:
             raise TopologyError(f"no preauth key in {out!r}")
         return str(key)
 
-    def add_leaf(self, role: str, subnet: str, leaf: str) -> None:
-        """One more namespace on its own link to the router (like create() does)."""
+    def _add_namespace(self, role: str) -> None:
         self._host(["ip", "netns", "add", self.ns(role)])
         self.namespaces.append(self.ns(role))
         etc = Path("/etc/netns") / self.ns(role)
         etc.mkdir(parents=True, exist_ok=True)
+        # No resolver anywhere: lookups fail fast instead of leaving the topology.
         (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
         (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
         self.run(role, ["ip", "link", "set", "lo", "up"])
+
+    def add_leaf(self, role: str, subnet: str, leaf: str) -> None:
+        """A namespace `role` on its own link (`subnet`, its address `leaf`) to the router."""
+        self._add_namespace(role)
         net = ipaddress.ip_network(subnet)
         gw = str(next(net.hosts()))
         rt_if = f"v-{role}"
-        self._host(
-            [
-                "ip",
-                "link",
-                "add",
-                rt_if,
-                "netns",
-                self.ns(ROUTER),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                self.ns(role),
-            ]
-        )
+        peer = ["type", "veth", "peer", "name", "eth0", "netns", self.ns(role)]
+        self._host(["ip", "link", "add", rt_if, "netns", self.ns(ROUTER), *peer])
         self.run(ROUTER, ["ip", "addr", "add", f"{gw}/{net.prefixlen}", "dev", rt_if])
         self.run(ROUTER, ["ip", "link", "set", rt_if, "up"])
         self.run(role, ["ip", "addr", "add", f"{leaf}/{net.prefixlen}", "dev", "eth0"])
         self.run(role, ["ip", "link", "set", "eth0", "up"])
+        # Default route to the router only: the router has no default route,
+        # so nothing can leave the topology.
         self.run(role, ["ip", "route", "add", "default", "via", gw])
 
     def ts(self, role: str, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
