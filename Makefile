@@ -102,9 +102,9 @@ bench-datapath: venv datapath-bins ## time the real data path
 cluster-bins: ## build kube-router, CoreDNS, the probe, pause and the node's images into the cache
 	bash scripts/build-cluster-bins.sh
 
-cluster-up: venv ## build or reuse, then start the single-node cluster and print what runs where
+cluster-up: venv ## build or reuse, then start the single-node cluster (with headscale and the exit node) and print what runs where
 	bash scripts/install-test-tools.sh --cluster
-	$(PY) -m tests.support.cluster_env up
+	$(PY) -m tests.support.cluster_env up --tailnet
 
 cluster-down: venv ## stop everything cluster-up started (processes, mounts, namespaces, cgroups)
 	$(PY) -m tests.support.cluster_env down

@@ -54,7 +54,17 @@ import requests
 import urllib3
 import yaml
 
-from tests.datapath.topology import ECHO_NAME, LINKS, ROUTER, Topology, TopologyError, cache_bin_dir, wait_for
+from tests.datapath.topology import (
+    ECHO_NAME,
+    EXIT_PUBLIC_IP,
+    LINKS,
+    LOGIN_SERVER,
+    ROUTER,
+    Topology,
+    TopologyError,
+    cache_bin_dir,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "build" / "cluster"
@@ -461,6 +471,8 @@ class State:
     namespaces: list[str] = field(default_factory=list)
     sysctls: dict[str, str] = field(default_factory=dict)
     created_cgroups: list[str] = field(default_factory=list)
+    # With --tailnet: login_server, exit_tailnet_ip, exit_public_ip, ca, headscale_config.
+    tailnet: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
     def load(path: Path) -> State:
@@ -545,7 +557,7 @@ class Cluster:
     def is_up(self) -> bool:
         return bool(self.state.holder) and _alive(self.state.holder) and self.kubeconfig.exists()
 
-    def up(self) -> None:
+    def up(self, tailnet: bool = False) -> None:
         missing = missing_prerequisites() + [f"missing {m}" for m in missing_artifacts(self.bin)]
         if missing:
             raise ClusterError("cannot start the cluster:\n  " + "\n  ".join(missing))
@@ -565,6 +577,8 @@ class Cluster:
             self._up_control_plane()
             self._up_node()
             self._up_addons()
+            if tailnet:
+                self._up_tailnet()
         except BaseException:
             if os.environ.get("TSE_CLUSTER_KEEP_ON_FAILURE"):
                 print("cluster-up failed: left running for a look (make cluster-down removes it)", file=sys.stderr)
@@ -1000,6 +1014,50 @@ oom_score = 0
         self.wait("CoreDNS ready", dns_ready, 120)
         self._phase("coredns", t)
 
+    def _up_tailnet(self) -> None:
+        """The topology's headscale and exit node, and the relay image
+        re-imported with the topology's CA in its bundle (headscale's
+        certificate is signed by it; the rendered pod is used unchanged)."""
+        t = time.monotonic()
+        topo = self.topo
+        if topo is None:
+            raise ClusterError("the topology is not up")
+        self.state.pids["headscale"] = topo.start_control().pid
+        exit_ip = topo.start_exit(approve=True)
+        self.state.pids["exit-tailscaled"] = topo.procs["exit-tailscaled"].pid
+        self.state.tailnet = {
+            "login_server": LOGIN_SERVER,
+            "exit_tailnet_ip": exit_ip,
+            "exit_public_ip": EXIT_PUBLIC_IP,
+            "ca": str(topo.ca_cert),
+            "headscale_config": str(topo.hs_config),
+        }
+        self.state.save(self.state_file)
+        work = self.build / "relay-image"
+        oci = work / "oci"
+        oci.mkdir(parents=True)
+        _run(["tar", "-xf", str(self.images / "tailscale.tar"), "-C", str(oci)])
+        bundle = work / "ca-certificates.crt"
+        system = Path("/etc/ssl/certs/ca-certificates.crt")
+        bundle.write_text((system.read_text() if system.exists() else "") + topo.ca_cert.read_text())
+        bundle.chmod(0o644)
+        _run(["umoci", "insert", "--image", f"{oci}:img", str(bundle), "/etc/ssl/certs/ca-certificates.crt"])
+        index = json.loads((oci / "index.json").read_text())
+        name = f"ghcr.io/tailscale/tailscale:{self.tailscale_tag()}"
+        for m in index["manifests"]:
+            m.setdefault("annotations", {})["io.containerd.image.name"] = name
+        (oci / "index.json").write_text(json.dumps(index))
+        _run(["tar", "-C", str(oci), "-cf", str(work / "tailscale.tar"), "."])
+        sock = self.build / "containerd" / "containerd.sock"
+        self.node_run(["ctr", "--address", str(sock), "-n", "k8s.io", "images", "import", str(work / "tailscale.tar")])
+        self._phase("tailnet+relay-image", t)
+
+    def tailscale_tag(self) -> str:
+        for line in (self.images / "IMAGES").read_text().splitlines():
+            if line.startswith("TAILSCALE_IMAGE="):
+                return line.rsplit(":", 1)[1]
+        raise ClusterError(f"no TAILSCALE_IMAGE in {self.images / 'IMAGES'}")
+
     # ------------------------------------------------------------ down
     def down(self, keep_logs: bool = True) -> None:
         st = self.state
@@ -1085,6 +1143,7 @@ oom_score = 0
             f"node {NODE_NAME} in netns {self.ns(NODE_ROLE)} at {NODE_IP} (gateway {NODE_GATEWAY}: the router)",
             f"pods {NODE_POD_CIDR} on cni0, services {SERVICE_CIDR}, DNS {DNS_IP} (CoreDNS, k8s-app=kube-dns)",
             f"internet {INTERNET_IP} (echo :80/:443, {self.ns('internet')}); LAN {LAN_IP} ({self.ns('lan')})",
+            *(f"tailnet: {k} {v}" for k, v in st.tailnet.items()),
             f"host resolver {NODE_GATEWAY}:53 (CoreDNS forwards there): {ECHO_NAME} -> {INTERNET_IP}, else NXDOMAIN",
             f"images: {PAUSE_IMAGE}, {PROBE_IMAGE}, {COREDNS_IMAGE}, ghcr.io/tailscale/tailscale (imported)",
             "processes (all in the node's namespaces but the forwarder and the echo servers):",
@@ -1211,6 +1270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="build or reuse, start, print what runs where")
     up.add_argument("--no-build", action="store_true", help="do not run the build scripts")
+    up.add_argument("--tailnet", action="store_true", help="also start headscale and the exit node")
     sub.add_parser("down", help="stop everything `up` started and remove its state")
     sub.add_parser("status")
     fw = sub.add_parser("forward", help=argparse.SUPPRESS)
@@ -1226,7 +1286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = time.monotonic()
             build_all()
             print(f"build: {time.monotonic() - t:.0f} s")
-        c.up()
+        c.up(tailnet=a.tailnet)
         print(c.describe())
     elif a.cmd == "down":
         c.down()
