@@ -50,6 +50,21 @@ def cluster_only_config(relay_namespace: str = "tailscale-egress") -> dict[str, 
 RELAY_AUTH_KEY = "tailscale-egress:relayAuthKey"
 
 
+def cluster_only_config_on(
+    kubeconfig: str, context: str, relay_namespace: str, protected: list[Any], deployer: str = "admin"
+) -> dict[str, Any]:
+    """The cluster-only stack on a real cluster (the engine tests' and
+    `make bench-engine`'s), deploying as `deployer`."""
+    return with_config(
+        cluster_only_config(relay_namespace),
+        "cluster",
+        context=context,
+        kubeconfig=kubeconfig,
+        protectedNamespaces=protected,
+        deployer=deployer,
+    )
+
+
 def public_config() -> dict[str, Any]:
     """The default stack with the explicit opt-in to the public internet."""
     return with_config(dev_config(), "tailnet", relayEgress="public")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pulumi
 import pulumi_kubernetes as k8s
 
-from tests.stacks import RELAY_AUTH_KEY, cluster_only_config, with_config
+from tests.stacks import RELAY_AUTH_KEY, cluster_only_config_on
 from tests.support import apiserver
 from tests.support.engine import Engine, run_project_program
 
@@ -32,17 +32,8 @@ STATE = Path(__file__).resolve().parent.parent / "build" / "bench-engine"
 
 
 def config(cluster: apiserver.Cluster, namespaces: int) -> dict[str, Any]:
-    base = cluster_only_config(f"bench-relay-{namespaces}")
-    protected = [{"name": f"bench-{namespaces}-{i}", "create": True} for i in range(namespaces)]
-    base = with_config(
-        base,
-        "cluster",
-        context=cluster.context(),
-        kubeconfig=str(cluster.kubeconfig),
-        protectedNamespaces=protected,
-        deployer="admin",
-    )
-    return base
+    protected: list[Any] = [{"name": f"bench-{namespaces}-{i}", "create": True} for i in range(namespaces)]
+    return cluster_only_config_on(str(cluster.kubeconfig), cluster.context(), f"bench-relay-{namespaces}", protected)
 
 
 def one_configmap(cluster: apiserver.Cluster) -> Callable[[], None]:

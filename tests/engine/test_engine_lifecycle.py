@@ -18,7 +18,7 @@ import yaml
 from pulumi import automation as auto
 
 from builders.names import StackNames
-from tests.stacks import RELAY_AUTH_KEY, cluster_only_config, with_config
+from tests.stacks import RELAY_AUTH_KEY, cluster_only_config_on, with_config
 from tests.support.apiserver import Cluster
 from tests.support.engine import Engine, events_of, export_state
 from tools.mockstack import evaluate
@@ -49,15 +49,7 @@ CLUSTER_SCOPED = {
 
 
 def stack_config(cluster: Cluster, relay_namespace: str, protected: list[Any]) -> dict[str, Any]:
-    config = cluster_only_config(relay_namespace)
-    config = with_config(
-        config,
-        "cluster",
-        context=cluster.context(),
-        kubeconfig=str(cluster.kubeconfig),
-        protectedNamespaces=protected,
-        deployer="admin",
-    )
+    config = cluster_only_config_on(str(cluster.kubeconfig), cluster.context(), relay_namespace, protected)
     config[RELAY_AUTH_KEY] = RELAY_KEY
     return config
 
