@@ -21,6 +21,9 @@ RELAY_NAME: Final = "relay"
 AUTH_SECRET_KEY: Final = "authkey"
 RUN_AS: Final = 65532  # an unprivileged uid, as distroless images use
 BOOT_TIMEOUT_SECONDS: Final = 60
+RELAY_CONTAINER: Final = "tailscale"
+# Also the Go runtime's memory limit (GOMEMLIMIT): where its GC holds the relay.
+RELAY_MEMORY_REQUEST: Final = "96Mi"
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,20 @@ def relay_environment(s: RelaySettings) -> list[Manifest]:
         "name": "TS_AUTHKEY",
         "valueFrom": {"secretKeyRef": {"name": s.auth_secret_name, "key": AUTH_SECRET_KEY}},
     }
-    return [auth, *({"name": k, "value": v} for k, v in plain.items())]
+    # The Go runtime collects garbage harder as its memory nears this (bytes,
+    # from the container's memory request), so the relay's peak stays near the
+    # request under load; the limit above it is headroom, not a target.
+    memory_limit = {
+        "name": "GOMEMLIMIT",
+        "valueFrom": {"resourceFieldRef": {"containerName": RELAY_CONTAINER, "resource": "requests.memory"}},
+    }
+    return [auth, memory_limit, *({"name": k, "value": v} for k, v in plain.items())]
 
 
 def relay_container(s: RelaySettings) -> Manifest:
     health = {"httpGet": {"path": "/healthz", "port": HEALTH_PORT}}
     return {
-        "name": "tailscale",
+        "name": RELAY_CONTAINER,
         "image": s.image,
         "imagePullPolicy": "IfNotPresent",
         "env": relay_environment(s),
@@ -108,7 +118,7 @@ def relay_container(s: RelaySettings) -> Manifest:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "resources": {
-            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "requests": {"cpu": "50m", "memory": RELAY_MEMORY_REQUEST},
             "limits": {"cpu": "1", "memory": "256Mi"},
         },
         # Up (has a tailnet IP) within the boot timeout, or restarted.

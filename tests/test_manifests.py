@@ -212,6 +212,15 @@ class TestImages:
 
 
 class TestRelay:
+    def test_go_runtime_memory_limit_is_the_containers_memory_request(self, evaluation: Evaluation) -> None:
+        (container,) = relay(evaluation)["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        ref = env["GOMEMLIMIT"]["valueFrom"]["resourceFieldRef"]
+        assert ref == {"containerName": container["name"], "resource": "requests.memory"}
+        # In bytes (no divisor), as Go reads it; below the limit, which stays the hard stop.
+        memory = container["resources"]
+        assert memory["requests"]["memory"] == "96Mi" and memory["limits"]["memory"] == "256Mi"
+
     def test_has_cpu_and_memory_requests_and_limits(self, evaluation: Evaluation) -> None:
         for c in containers(relay(evaluation)["spec"]["template"]["spec"]):
             resources = c.get("resources") or {}

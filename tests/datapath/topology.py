@@ -25,6 +25,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -246,6 +247,20 @@ def load_manifests(manifest_dir: Path) -> list[dict[str, Any]]:
     return objs
 
 
+_QUANTITY = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _resource_field(container: Mapping[str, Any], ref: Mapping[str, Any]) -> int:
+    """A memory resourceFieldRef resolved as the kubelet does (bytes, divisor 1)."""
+    kind, _, resource = str(ref["resource"]).partition(".")
+    quantity = str((container.get("resources") or {}).get(kind, {}).get(resource, ""))
+    match = _QUANTITY.match(quantity)
+    if resource != "memory" or "divisor" in ref or match is None:
+        raise TopologyError(f"unsupported resourceFieldRef {dict(ref)} (quantity {quantity!r})")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
 def relay_spec_from_manifests(objs: list[dict[str, Any]]) -> RelaySpec:
     dep = _find_relay(objs)
     ns = dep.get("metadata", {}).get("namespace", "default")
@@ -264,6 +279,8 @@ def relay_spec_from_manifests(objs: list[dict[str, Any]]) -> RelaySpec:
         elif "valueFrom" in item:
             if name in AUTHKEY_ENV and "secretKeyRef" in item["valueFrom"]:
                 authkey_env = name
+            elif "resourceFieldRef" in item["valueFrom"]:
+                env[name] = str(_resource_field(c, item["valueFrom"]["resourceFieldRef"]))
             else:
                 raise TopologyError(f"unsupported valueFrom for env {name}: {item['valueFrom']}")
         else:
