@@ -30,7 +30,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from config import StackConfig
 # As a module: its test classes must not be collected here again.
 from tests import test_cloud_init
 
-from .topology import ECHO_NAME, EXIT_PUBLIC_IP, HS_USER, Topology, TopologyError, wait_for
+from .topology import ECHO_NAME, EXIT_PUBLIC_IP, HS_USER, INTERNET_IP, Topology, TopologyError, wait_for
 
 pytestmark = pytest.mark.datapath
 
@@ -53,6 +53,9 @@ LAPTOP_LINK = ("192.168.88.0/24", "192.168.88.10")  # the laptop's own home netw
 SERVICE_PORT = 8022  # "sshd": anything listening on a device's own address
 ECHO_IP_URL = f"https://{ECHO_NAME}/ip"
 TRY = 6.0  # seconds a request that must fail is given
+# Names only the exit node's own resolver knows (tests/support/host_dns.py serves them).
+DOH_DOMAIN = "doh.example.test"
+HOST_DNS = Path(__file__).resolve().parents[1] / "support" / "host_dns.py"
 
 
 def stack_policy_for_headscale() -> dict[str, Any]:
@@ -268,6 +271,34 @@ class TestStackPolicy:
             path.write_text(original)
             headscale.send_signal(signal.SIGHUP)
         net.internet_ok()
+
+    def test_names_resolved_through_the_exit_node_still_resolve_behind_its_guard(self, stack_tailnet: Tailnet) -> None:
+        """With an exit node, tailscaled's proxies resolve a name they do not
+        know (not MagicDNS, not an extra record) by DoH to the exit node's peer
+        API, on its tailnet address (tsdial's userDialResolve): real names such
+        as api.ipify.org go that way. The guard must let that through."""
+        net = stack_tailnet
+        log = net.t.workdir / "exit-resolver.jsonl"
+        # The exit node's own resolver (its resolv.conf says 127.0.0.1), which knows two names:
+        # one asked before the guard, one after (the relay caches what it has resolved).
+        before, after = (f"{n}.{DOH_DOMAIN}" for n in ("before", "after"))
+        records = [a for name in (before, after) for a in ("--record", f"{name}={INTERNET_IP}")]
+        net.t.spawn(
+            "exit", "exit-resolver", [sys.executable, str(HOST_DNS), "--addr", "127.0.0.1", *records, "--log", str(log)]
+        )
+
+        def resolves(name: str) -> Callable[[], bool]:
+            return lambda: all(body == EXIT_PUBLIC_IP for body in net.through(f"http://{name}/ip", timeout=8).values())
+
+        wait_for(f"{before} through both proxies, without the guard", resolves(before), 60, interval=1)
+        assert before in log.read_text(), "the name was not resolved by the exit node"
+        apply_guard(net.t)
+        assert after not in log.read_text()
+        wait_for(f"{after} through both proxies, behind the guard", resolves(after), 30, interval=1)
+        assert after in log.read_text(), "the name was not resolved by the exit node"
+        # And the guard still closes the exit node's own services.
+        reached = net.reached()
+        assert reached["exit-tailnet"] == reached["exit-public"] == reached["exit-tailnet6"] == [], reached
 
     def test_the_exit_nodes_public_address_needs_the_guard_which_survives_a_restart(
         self, stack_tailnet: Tailnet
