@@ -621,6 +621,39 @@ def test_a_non_compliant_pod_is_refused_in_a_protected_namespace(e2e: Deployment
     assert e2e.api.get("v1", "Pod", "rooty", PROTECTED) is None
 
 
+# ---------------------------------------------------------------- the bypasses the admission guard closes
+def test_an_extra_permissive_network_policy_is_refused_even_for_the_deployer(e2e: Deployment) -> None:
+    wide = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "allow-all-egress", "namespace": PROTECTED},
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}],
+        },
+    }
+    with pytest.raises(ClusterError, match=r"HTTP (403|422).*egress-only-via-relay"):
+        e2e.api.apply(wide)
+    assert e2e.api.get("networking.k8s.io/v1", "NetworkPolicy", "allow-all-egress", PROTECTED) is None
+    assert not e2e.workload("tcp", f"{INTERNET_IP}:80")["ok"]
+
+
+def test_someone_else_cannot_remove_the_namespace_labels_or_the_policy(e2e: Deployment) -> None:
+    """Another cluster admin (not the deployer) can neither weaken Pod Security
+    nor delete the namespace's egress policy."""
+    other = ("--as=mallory", "--as-group=system:masters")
+    p = kubectl(*other, "label", "namespace", PROTECTED, "pod-security.kubernetes.io/enforce-")
+    assert p.returncode != 0 and "pod-security-labels" in p.stderr, p.stdout + p.stderr
+    assert namespace_labels(e2e.api, PROTECTED).get("pod-security.kubernetes.io/enforce") == "restricted"
+    policies = e2e.api.list("networking.k8s.io/v1", "NetworkPolicy", PROTECTED)
+    assert policies
+    name = policies[0]["metadata"]["name"]
+    p = kubectl(*other, "-n", PROTECTED, "delete", "networkpolicy", name)
+    assert p.returncode != 0 and "stack-objects" in p.stderr, p.stdout + p.stderr
+    assert e2e.api.get("networking.k8s.io/v1", "NetworkPolicy", name, PROTECTED) is not None
+
+
 # ---------------------------------------------------------------- 5. fail closed
 def proxy_attempts(e2e: Deployment) -> dict[str, dict[str, Any]]:
     ip = e2e.relay_pod_ip()
