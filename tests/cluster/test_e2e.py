@@ -666,6 +666,10 @@ def proxy_attempts(e2e: Deployment) -> dict[str, dict[str, Any]]:
     }
 
 
+def new_relay_running(e2e: Deployment, old: set[str]) -> bool:
+    return any(p["metadata"]["name"] not in old and p["status"].get("phase") == "Running" for p in e2e.relay_pods())
+
+
 def recovered(e2e: Deployment) -> bool:
     if not e2e.relay_ready():
         return False
@@ -703,6 +707,14 @@ def test_fail_closed_and_recovers_by_itself(e2e: Deployment, breakage: str) -> N
         e2e.timings[f"not Ready after {breakage}"] = round(time.monotonic() - t, 1)
         leaked = {k: r for k, r in proxy_attempts(e2e).items() if r["ok"]}
         assert not leaked, f"with the {breakage}, the workload still got out: {leaked}"
+        if breakage == "exit node stopped":
+            # A relay that starts while its exit node is away never becomes Ready.
+            old = {p["metadata"]["name"] for p in e2e.relay_pods()}
+            for name in old:
+                e2e.api.delete("v1", "Pod", name, RELAY_NS, grace=30)  # time to log out
+            wait("a new relay pod running", lambda: new_relay_running(e2e, old), 90)
+            time.sleep(10)
+            assert not e2e.relay_ready(), "a relay pod started without its exit node is Ready"
     finally:
         t = time.monotonic()
         if breakage == "exit node stopped":
