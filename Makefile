@@ -109,7 +109,7 @@ cluster-up: venv ## build or reuse, then start the single-node cluster (with hea
 cluster-down: venv ## stop everything cluster-up started (processes, mounts, namespaces, cgroups)
 	$(PY) -m tests.support.cluster_env down
 
-test-cluster: venv ## the cluster's smoke tests (starts and stops its own cluster unless one is up)
+test-cluster: venv ## the cluster's smoke tests and the end-to-end suite: pulumi up through the real engine, isolation, verify, fail closed, destroy (starts and stops its own cluster unless one is up)
 	bash scripts/install-test-tools.sh --cluster
 	$(PY) -m pytest -m cluster tests/cluster -v
 

@@ -36,7 +36,7 @@ def cluster() -> Iterator[Cluster]:
     try:
         if missing_artifacts(c.bin):
             build_all()
-        c.up()
+        c.up(tailnet=True)  # headscale and the exit node too: the e2e suite needs them
     except ClusterError as e:
         _unavailable(f"cannot start the cluster: {e}")
     try:
