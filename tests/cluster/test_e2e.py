@@ -66,11 +66,13 @@ EXIT_SERVICE_PORT = 8081  # a server on the exit node itself (tailnet bypass che
 METADATA_IP = "169.254.169.254"
 # The node guard needs iptables in the relay image (ghcr.io/tailscale/tailscale
 # ships iptables-legacy and iptables-nft); the image assembled here
-# (scripts/build-cluster-bins.sh) has containerboot, tailscaled, tailscale and
-# busybox only, so the guard finds no backend and never sets its rules.
-NODE_GUARD = False
+# (scripts/build-cluster-bins.sh) has had containerboot, tailscaled, tailscale
+# and busybox only: the guard then finds no backend and never sets its rules.
+# So the guard is on exactly when the relay image the cluster imported has them.
+RELAY_IMAGE = "ghcr.io/tailscale/tailscale:v1.102.5"
+GUARD_COMMANDS = ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save")
 NODE_GUARD_MISSING = (
-    "node guard off: the locally built relay image has no iptables-legacy/-nft binaries "
+    f"node guard off: the relay image the cluster imported ({RELAY_IMAGE}) has no iptables-legacy/-nft "
     "(its pod logs 'no iptables backend holds rules yet'), so pod ICMP out of the cluster stays open"
 )
 TOPOLOGY = BUILD / "topology"
@@ -283,6 +285,7 @@ class Deployment:
     before: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     destroyed: bool = False
+    node_guard: bool = False
 
     def relay_pods(self) -> list[dict[str, Any]]:
         return [p for p in self.api.list("v1", "Pod", RELAY_NS) if not p["metadata"].get("deletionTimestamp")]
@@ -307,14 +310,14 @@ def up(stack: auto.Stack) -> auto.UpResult:
         raise AssertionError("".join(output[-80:]) + f"\n{err}") from None
 
 
-def stack_config(cluster: Cluster, relay_key: str) -> dict[str, Any]:
+def stack_config(cluster: Cluster, relay_key: str, node_guard: bool) -> dict[str, Any]:
     t = cluster.state.tailnet
     config = cluster_only_config_on(str(cluster.kubeconfig), CONTEXT, RELAY_NS, [PROTECTED], deployer="tse-admin")
     config = with_config(
         config, "exitNode", existingTailnetIp=t["exit_tailnet_ip"], existingPublicIps=[t["exit_public_ip"]]
     )
     config = with_config(config, "tailnet", loginServer=t["login_server"])
-    config = with_config(config, "cluster", nodeGuard=NODE_GUARD)
+    config = with_config(config, "cluster", nodeGuard=node_guard)
     config[RELAY_AUTH_KEY] = relay_key
     return config
 
@@ -381,7 +384,8 @@ def e2e(cluster: Cluster) -> Iterator[Deployment]:
         state = BUILD / "e2e-pulumi"
         shutil.rmtree(state, ignore_errors=True)
         engine = Engine(state).setup()
-        config = stack_config(cluster, tailnet.relay_key())
+        node_guard = relay_image_has_iptables(api)
+        config = stack_config(cluster, tailnet.relay_key(), node_guard)
         stack = engine.stack(STACK, config, secret_keys=(RELAY_AUTH_KEY,))
         cleanup.callback(engine.remove_stack, STACK)
         t_up = time.monotonic()
@@ -400,11 +404,30 @@ def e2e(cluster: Cluster) -> Iterator[Deployment]:
             api=api, cluster=cluster, tailnet=tailnet, engine=engine, stack=stack, config=config,
             workload=Probe(PROTECTED, "workload"), control=Probe(OPEN, "control"),
             server_ip=str(server["status"]["podIP"]), relay_service_ip=str(svc.get("spec", {}).get("clusterIP", "")),
-            before=before, timings=timings,
+            before=before, timings=timings, node_guard=node_guard,
         )  # fmt: skip
         holder.append(d)
         cleanup.callback(write_timings, d.timings, t0)
         yield d
+
+
+def finished_phase(api: Api, name: str, ns: str) -> str | None:
+    phase = ((api.get("v1", "Pod", name, ns) or {}).get("status") or {}).get("phase")
+    return str(phase) if phase in ("Succeeded", "Failed") else None
+
+
+def relay_image_has_iptables(api: Api) -> bool:
+    """Whether the relay image the cluster has (imported, never pulled) holds
+    the iptables backends the node guard runs, asked from a pod of it."""
+    check = pod("relay-image-check", OPEN, " && ".join(f"command -v {c}" for c in GUARD_COMMANDS))
+    check["spec"]["restartPolicy"] = "Never"
+    check["spec"]["containers"][0]["image"] = RELAY_IMAGE
+    api.apply(check)
+    try:
+        phase = wait("the relay image check", lambda: finished_phase(api, "relay-image-check", OPEN), 60, 0.5)
+    finally:
+        api.delete("v1", "Pod", "relay-image-check", OPEN)
+    return bool(phase == "Succeeded")
 
 
 def write_timings(timings: dict[str, float], t0: float) -> None:
@@ -488,7 +511,9 @@ DIRECT_UDP = {
 
 @pytest.mark.parametrize("target", list(DIRECT_TCP.values()), ids=list(DIRECT_TCP))
 def test_workload_cannot_open_tcp_directly(e2e: Deployment, target: str) -> None:
-    assert e2e.control("tcp", target)["ok"], f"control pod could not reach {target}: the check would prove nothing"
+    # With the node guard, no pod reaches a NodePort: the node itself shows it answers.
+    control = node_probe(e2e, "tcp", target) if target.endswith(f":{NODE_PORT}") else e2e.control("tcp", target)
+    assert control["ok"], f"nothing answers at {target}: the check would prove nothing"
     r = e2e.workload("tcp", target)
     assert not r["ok"], f"the protected workload reached {target} directly: {r}"
 
@@ -529,11 +554,28 @@ def test_workload_cluster_dns_works(e2e: Deployment) -> None:
 @pytest.mark.parametrize("target", [INTERNET_IP, LAN_IP, NODE_GATEWAY])
 def test_workload_cannot_ping_out_of_the_cluster(e2e: Deployment, target: str) -> None:
     """kube-router accepts pod ICMP before any NetworkPolicy; the node guard closes it."""
-    if not NODE_GUARD:
+    if not e2e.node_guard:
         pytest.xfail(NODE_GUARD_MISSING)
-    assert e2e.control("ping", target)["ok"], f"the control pod cannot ping {target}: the check would prove nothing"
+    # The guard closes ICMP for every pod (the control pod's too): the node shows the target answers.
+    node_ping = subprocess.run(
+        ["ip", "netns", "exec", e2e.cluster.ns("node"), "busybox", "ping", "-c1", "-W2", target],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert node_ping.returncode == 0, f"{target} answers no ping: the check would prove nothing: {node_ping.stdout}"
     r = e2e.workload("ping", target)
     assert not r["ok"], f"the protected workload pinged {target}: {r}\n{node_guard_state(e2e)}"
+
+
+def node_probe(e2e: Deployment, *args: str) -> dict[str, Any]:
+    """The probe run on the node itself (its network namespace), not in a pod."""
+    p = subprocess.run(
+        ["ip", "netns", "exec", e2e.cluster.ns("node"), str(e2e.cluster.bin / "probe"), *args, "-timeout", "4s"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"probe on the node printed nothing: {p.stdout}{p.stderr}"
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
 
 
 def node_guard_state(e2e: Deployment) -> str:
