@@ -187,6 +187,13 @@ def apply_guard(t: Topology) -> None:
     t.run("exit", ["sh", "-c", guard_script()])
 
 
+def remove_guard(t: Topology) -> None:
+    """Takes the guard out again, for a test that shares its topology with others."""
+    for ipt in ("iptables", "ip6tables"):
+        for step in (["-D", "INPUT", "-j", "TSE-GUARD"], ["-F", "TSE-GUARD"], ["-X", "TSE-GUARD"]):
+            t.run("exit", [ipt, "-w", "-t", "mangle", *step], check=False)
+
+
 def hs_policy_check(t: Topology, policy: dict[str, Any]) -> tuple[int, str]:
     """`headscale policy check`: parses `policy` and runs its tests against the live nodes."""
     path = t.workdir / f"check-{time.monotonic_ns()}.hujson"
@@ -293,12 +300,16 @@ class TestStackPolicy:
         wait_for(f"{before} through both proxies, without the guard", resolves(before), 60, interval=1)
         assert before in log.read_text(), "the name was not resolved by the exit node"
         apply_guard(net.t)
-        assert after not in log.read_text()
-        wait_for(f"{after} through both proxies, behind the guard", resolves(after), 30, interval=1)
-        assert after in log.read_text(), "the name was not resolved by the exit node"
-        # And the guard still closes the exit node's own services.
-        reached = net.reached()
-        assert reached["exit-tailnet"] == reached["exit-public"] == reached["exit-tailnet6"] == [], reached
+        try:
+            assert after not in log.read_text()
+            wait_for(f"{after} through both proxies, behind the guard", resolves(after), 30, interval=1)
+            assert after in log.read_text(), "the name was not resolved by the exit node"
+            # And the guard still closes the exit node's own services.
+            reached = net.reached()
+            assert reached["exit-tailnet"] == reached["exit-public"] == reached["exit-tailnet6"] == [], reached
+        finally:
+            remove_guard(net.t)
+        assert net.reached()["exit-public"] != [], "the guard was not removed"
 
     def test_the_exit_nodes_public_address_needs_the_guard_which_survives_a_restart(
         self, stack_tailnet: Tailnet
