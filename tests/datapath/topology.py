@@ -725,8 +725,12 @@ class Topology:
                 return str(u["id"])
         raise TopologyError(f"headscale user {HS_USER} missing")
 
-    def preauth_key(self, ephemeral: bool, reusable: bool = True) -> str:
+    def preauth_key(self, ephemeral: bool, reusable: bool = True, tags: Sequence[str] = ()) -> str:
+        """A key of the one user; with `tags`, its nodes join tagged (owned by
+        the tags, not the user), as the stack's Tailscale keys are."""
         args = ["preauthkeys", "create", "--user", self.user_id(), "--expiration", "2h"]
+        if tags:
+            args += ["--tags", ",".join(tags)]
         if reusable:
             args.append("--reusable")
         if ephemeral:
@@ -824,18 +828,7 @@ class Topology:
 
     # ---------------------------------------------------------------- more tailnet nodes
     def tagged_preauth_key(self, tags: Sequence[str], ephemeral: bool, reusable: bool = True) -> str:
-        """A key whose nodes join tagged (owned by the tags, not the user), as
-        the stack's Tailscale keys are."""
-        args = ["preauthkeys", "create", "--user", self.user_id(), "--expiration", "2h", "--tags", ",".join(tags)]
-        if reusable:
-            args.append("--reusable")
-        if ephemeral:
-            args.append("--ephemeral")
-        out = self.hs(*args)
-        key = out.get("key") if isinstance(out, dict) else str(out)
-        if not key:
-            raise TopologyError(f"no preauth key in {out!r}")
-        return str(key)
+        return self.preauth_key(ephemeral, reusable, tags)
 
     def _add_namespace(self, role: str) -> None:
         self._host(["ip", "netns", "add", self.ns(role)])
