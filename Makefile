@@ -109,9 +109,23 @@ cluster-up: venv ## build or reuse, then start the single-node cluster (with hea
 cluster-down: venv ## stop everything cluster-up started (processes, mounts, namespaces, cgroups)
 	$(PY) -m tests.support.cluster_env down
 
-test-cluster: venv ## the cluster's smoke tests and the end-to-end suite: pulumi up through the real engine, isolation, verify, fail closed, destroy (starts and stops its own cluster unless one is up)
+# Everything it needs is built first (idempotent: seconds once built), so a
+# fresh clone or a changed image input (e.g. the relay image's iptables) works.
+test-cluster: venv datapath-bins engine-bins ## the cluster's smoke tests and the end-to-end suite: pulumi up through the real engine, isolation, verify, fail closed, destroy (starts and stops its own cluster unless one is up)
 	bash scripts/install-test-tools.sh --cluster
+	bash scripts/build-cluster-bins.sh
 	$(PY) -m pytest -m cluster tests/cluster -v
+
+# The whole promise on this machine with no account (Linux, root, cgroup v1):
+# the cluster and the topology, `pulumi up` through the real engine, then
+# make verify's table. It stays up until demo-down.
+.PHONY: demo demo-down
+demo: venv engine-bins ## try it with no account: cluster, headscale, exit node, pulumi up, verify (Linux, root)
+	bash scripts/install-test-tools.sh --cluster
+	$(PY) tools/demo.py up
+
+demo-down: venv ## remove everything make demo started (the cluster included), leave nothing behind
+	$(PY) tools/demo.py down
 
 # The policy pack's own virtualenv (PulumiPolicy.yaml: virtualenv venv), which
 # the engine runs the pack in.

@@ -90,3 +90,17 @@ def test_make_checks_the_stack_file_before_pulumi_runs(target: str, tmp_path: Pa
     assert f"Pulumi.{stack}.yaml: invalid stack configuration:" in done.stderr
     assert "tailscale-egress:clusters: unknown key; did you mean tailscale-egress:cluster?" in done.stderr
     assert "Pulumi CLI" not in done.stdout  # refused before anything needs the CLI
+
+
+def test_make_demo_on_a_machine_that_cannot_run_it_says_what_it_needs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not root (or no cgroup v1...): one clear line, exit 2, before any build or cluster."""
+    from tools import demo
+
+    monkeypatch.setattr(demo, "missing_prerequisites", lambda: ["needs root (network namespaces, cgroups, containerd)"])
+    monkeypatch.setattr(demo, "build_all", lambda: pytest.fail("built before checking the machine"))
+    monkeypatch.setattr(demo.Cluster, "up", lambda *_: pytest.fail("started a cluster on a machine that cannot run it"))
+    assert demo.main(["up"]) == 2
+    err = capsys.readouterr().err
+    assert "sudo make demo" in err and "needs root" in err and "Linux" in err, err

@@ -16,6 +16,15 @@ import urllib3
 
 from tests.support.cluster_env import Cluster, ClusterError, build_all, missing_artifacts, missing_prerequisites
 
+# Whether this run started the cluster (then it may also tear it down early:
+# the demo test does, as `make demo-down` does).
+CLUSTER_STARTED_HERE = pytest.StashKey[bool]()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The demo test ends with `make demo-down`, which removes the cluster: last.
+    items.sort(key=lambda item: item.path.name == "test_demo.py")
+
 
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
@@ -24,7 +33,7 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     missing = missing_prerequisites()
     if missing:
         _unavailable("; ".join(missing) + " (make cluster-up shows how)")
@@ -37,6 +46,7 @@ def cluster() -> Iterator[Cluster]:
         if missing_artifacts(c.bin):
             build_all()
         c.up(tailnet=True)  # headscale and the exit node too: the e2e suite needs them
+        request.config.stash[CLUSTER_STARTED_HERE] = True
     except ClusterError as e:
         _unavailable(f"cannot start the cluster: {e}")
     try:
