@@ -8,6 +8,8 @@
 //	probe udp HOST:PORT [-payload TEXT] [-timeout 5s]   (ok = a reply came back)
 //	probe ping HOST [-timeout 5s]     (ICMP echo over SOCK_DGRAM: no capability)
 //	probe dns NAME [-server IP:53] [-timeout 5s]
+//	probe load URL [-proxy URL|env] [-cacert FILE] [-clients 1] [-requests 1] [-bytes 0] [-timeout 5s]
+//	probe serve ADDR -cert FILE -key FILE    (the benchmark's HTTPS server, load.go)
 //
 // -proxy env reads HTTPS_PROXY/HTTP_PROXY/NO_PROXY as Go does, then ALL_PROXY
 // (curl's variable, e.g. socks5h://...); a socks5:// or socks5h:// proxy gets
@@ -61,8 +63,23 @@ func main() {
 	cacert := fs.String("cacert", "", "http: extra CA certificate (PEM)")
 	payload := fs.String("payload", "probe", "udp: datagram to send")
 	server := fs.String("server", "", "dns: server IP:port (default: /etc/resolv.conf)")
+	clients := fs.Int("clients", 1, "load: concurrent clients")
+	requests := fs.Int("requests", 1, "load: requests per client, each on a fresh connection")
+	size := fs.Int64("bytes", 0, "load: body size every response must have (0: any)")
+	cert := fs.String("cert", "", "serve: TLS certificate (PEM)")
+	key := fs.String("key", "", "serve: TLS key (PEM)")
 	if err := fs.Parse(os.Args[3:]); err != nil {
 		usage()
+	}
+	switch check {
+	case "serve":
+		if err := serve(target, *cert, *key); err != nil {
+			fmt.Fprintln(os.Stderr, "probe serve:", err)
+			os.Exit(1)
+		}
+		return
+	case "load":
+		os.Exit(load(target, *proxy, *cacert, *clients, *requests, *size, *timeout))
 	}
 	r := result{Check: check, Target: target}
 	start := time.Now()
@@ -95,7 +112,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: probe http|tcp|udp|ping|dns TARGET [flags] (see the source header)")
+	fmt.Fprintln(os.Stderr, "usage: probe http|tcp|udp|ping|dns|load|serve TARGET [flags] (see the source header)")
 	os.Exit(2)
 }
 
@@ -113,49 +130,15 @@ func envProxy(req *http.Request) (*url.URL, error) {
 }
 
 func doHTTP(ctx context.Context, r *result, proxy, cacert string) error {
-	tr := &http.Transport{DisableKeepAlives: true}
-	switch proxy {
-	case "":
-		tr.Proxy = nil
-	case "env":
-		tr.Proxy = envProxy
-	default:
-		u, err := url.Parse(proxy)
-		if err != nil {
-			return fmt.Errorf("bad -proxy %q: %w", proxy, err)
-		}
-		tr.Proxy = http.ProxyURL(u)
-	}
-	if cacert != "" {
-		pem, err := os.ReadFile(cacert)
-		if err != nil {
-			return err
-		}
-		pool, err := x509.SystemCertPool()
-		if err != nil || pool == nil {
-			pool = x509.NewCertPool()
-		}
-		if !pool.AppendCertsFromPEM(pem) {
-			return fmt.Errorf("no certificate in %s", cacert)
-		}
-		tr.TLSClientConfig = &tls.Config{RootCAs: pool}
-	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, r.Target, nil)
 	if err != nil {
 		return err
 	}
-	if tr.Proxy != nil {
-		if u, _ := tr.Proxy(req); u != nil {
-			r.Proxy = u.Redacted()
-			// Go sends the host name through socks5:// (the proxy resolves
-			// it): what curl calls socks5h.
-			if u.Scheme == "socks5h" {
-				u2 := *u
-				u2.Scheme = "socks5"
-				tr.Proxy = http.ProxyURL(&u2)
-			}
-		}
+	tr, via, err := transport(req, proxy, cacert)
+	if err != nil {
+		return err
 	}
+	r.Proxy = via
 	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
 		return err
@@ -171,6 +154,53 @@ func doHTTP(ctx context.Context, r *result, proxy, cacert string) error {
 		return fmt.Errorf("HTTP %d", resp.StatusCode)
 	}
 	return nil
+}
+
+// transport is a client of one connection per request (no keep-alive), through
+// proxy ("", "env" or a URL) as req would go, trusting cacert on top of the
+// system's roots; it returns the proxy used (redacted) for the report.
+func transport(req *http.Request, proxy, cacert string) (*http.Transport, string, error) {
+	tr := &http.Transport{DisableKeepAlives: true}
+	switch proxy {
+	case "":
+		tr.Proxy = nil
+	case "env":
+		tr.Proxy = envProxy
+	default:
+		u, err := url.Parse(proxy)
+		if err != nil {
+			return nil, "", fmt.Errorf("bad -proxy %q: %w", proxy, err)
+		}
+		tr.Proxy = http.ProxyURL(u)
+	}
+	if cacert != "" {
+		pem, err := os.ReadFile(cacert)
+		if err != nil {
+			return nil, "", err
+		}
+		pool, err := x509.SystemCertPool()
+		if err != nil || pool == nil {
+			pool = x509.NewCertPool()
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, "", fmt.Errorf("no certificate in %s", cacert)
+		}
+		tr.TLSClientConfig = &tls.Config{RootCAs: pool}
+	}
+	via := ""
+	if tr.Proxy != nil {
+		if u, _ := tr.Proxy(req); u != nil {
+			via = u.Redacted()
+			// Go sends the host name through socks5:// (the proxy resolves
+			// it): what curl calls socks5h.
+			if u.Scheme == "socks5h" {
+				u2 := *u
+				u2.Scheme = "socks5"
+				tr.Proxy = http.ProxyURL(&u2)
+			}
+		}
+	}
+	return tr, via, nil
 }
 
 func doTCP(ctx context.Context, r *result) error {
