@@ -96,11 +96,12 @@ def test_make_demo_on_a_machine_that_cannot_run_it_says_what_it_needs(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Not root (or no cgroup v1...): one clear line, exit 2, before any build or cluster."""
+    from tests.support.cluster_env import Cluster
     from tools import demo
 
     monkeypatch.setattr(demo, "missing_prerequisites", lambda: ["needs root (network namespaces, cgroups, containerd)"])
     monkeypatch.setattr(demo, "build_all", lambda: pytest.fail("built before checking the machine"))
-    monkeypatch.setattr(demo.Cluster, "up", lambda *_: pytest.fail("started a cluster on a machine that cannot run it"))
+    monkeypatch.setattr(Cluster, "up", lambda *_: pytest.fail("started a cluster on a machine that cannot run it"))
     assert demo.main(["up"]) == 2
     err = capsys.readouterr().err
     assert "sudo make demo" in err and "needs root" in err and "Linux" in err, err
