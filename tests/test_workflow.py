@@ -283,3 +283,7 @@ def test_policy_check_passes_the_dev_stack_and_refuses_a_bad_stack_file(
     bad.write_text(yaml.safe_dump({"config": {"tailscale-egress:cluster": {"relayReplicas": 0}}}))
     assert policy_check.main(["bad", "--config-file", str(bad)]) == 2
     assert "relayReplicas" in capsys.readouterr().err
+    broken = tmp_path / "Pulumi.broken.yaml"
+    broken.write_text("config:\n  tailscale-egress:cluster: [\n")
+    assert policy_check.main(["broken", "--config-file", str(broken)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err

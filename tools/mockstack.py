@@ -7,6 +7,7 @@ realistic fakes (documentation addresses, Tailscale-shaped IDs). Used by
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -261,6 +262,38 @@ def stack_file_config(path: Path) -> dict[str, Any]:
         full = key if ":" in str(key) else f"{PROJECT}:{key}"
         config[full] = _redact_secure(value)
     return config
+
+
+class StackInputError(ValueError):
+    """A stack the tools cannot evaluate: no stack file (`missing`), a file that
+    is not one, or a config the program refuses. One line, naming what to fix."""
+
+    def __init__(self, message: str, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+def stack_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The command line every tool over one stack file shares."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stack")
+    parser.add_argument("--config-file", type=Path, help="default: Pulumi.<stack>.yaml")
+    return parser
+
+
+def evaluate_stack_file(stack: str, config_file: Path | None = None) -> Evaluation:
+    """The mock evaluation of Pulumi.<stack>.yaml (or `config_file`), offline."""
+    path = config_file or ROOT / f"Pulumi.{stack}.yaml"
+    if not path.is_file():
+        raise StackInputError(f"no stack file {path}", missing=True)
+    try:
+        config = stack_file_config(path)
+    except StackFileError as err:
+        raise StackInputError(str(err)) from None
+    evaluation = evaluate(config, stack=stack)
+    if evaluation.error is not None:
+        raise StackInputError(str(evaluation.error))
+    return evaluation
 
 
 def evaluate(

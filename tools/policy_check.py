@@ -15,7 +15,6 @@ guardrails still see them. tests/test_policy_pack.py uses the same functions.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pulumi_policy.policy import _PolicyAnalyzerServicer  # the service the engine talks to
 
 from policy import guardrails
-from tools.mockstack import ROOT, Evaluation, evaluate, stack_file_config
+from tools.mockstack import Evaluation, StackInputError, evaluate_stack_file, stack_arguments
 
 SECRET_SIG = "4dabf18193072939515e22adb298388d"
 SECRET_VALUE = "1b47061264138c4ac30d75fd1eb44270"
@@ -113,17 +112,11 @@ def report(diagnostics: list[Diagnostic]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stack")
-    parser.add_argument("--config-file", type=Path, help="default: Pulumi.<stack>.yaml")
-    args = parser.parse_args(argv)
-    config_file = args.config_file or ROOT / f"Pulumi.{args.stack}.yaml"
-    if not config_file.is_file():
-        print(f"policy_check: no stack file {config_file}", file=sys.stderr)
-        return 2
-    evaluation = evaluate(stack_file_config(config_file), stack=args.stack)
-    if evaluation.error is not None:
-        print(f"policy_check: {evaluation.error}", file=sys.stderr)
+    args = stack_arguments(__doc__).parse_args(argv)
+    try:
+        evaluation = evaluate_stack_file(args.stack, args.config_file)
+    except StackInputError as err:
+        print(f"policy_check: {err}", file=sys.stderr)
         return 2
     diagnostics = analyze(stack_of(evaluation))
     for line in report(diagnostics):

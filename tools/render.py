@@ -16,7 +16,6 @@ Invalid config or stack file: exit 1, the messages, nothing written.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -27,7 +26,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.mockstack import ROOT, Evaluation, Registration, StackFileError, evaluate, stack_file_config
+from tools.mockstack import ROOT, Evaluation, Registration, StackInputError, evaluate_stack_file, stack_arguments
 
 _PATCH = "kubernetes:core/v1:NamespacePatch"
 _KINDS = {
@@ -130,24 +129,14 @@ def write_render(evaluation: Evaluation, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stack")
-    parser.add_argument("--config-file", type=Path, help="default: Pulumi.<stack>.yaml")
+    parser = stack_arguments(__doc__)
     parser.add_argument("--out", type=Path, help="default: build/render/<stack>")
     args = parser.parse_args(argv)
-    config_file = args.config_file or ROOT / f"Pulumi.{args.stack}.yaml"
-    if not config_file.is_file():
-        print(f"render: no stack file {config_file}", file=sys.stderr)
-        return 2
     try:
-        config = stack_file_config(config_file)
-    except StackFileError as err:
+        evaluation = evaluate_stack_file(args.stack, args.config_file)
+    except StackInputError as err:
         print(f"render: {err}", file=sys.stderr)
-        return 1
-    evaluation = evaluate(config, stack=args.stack)
-    if evaluation.error is not None:
-        print(f"render: {evaluation.error}", file=sys.stderr)
-        return 1
+        return 2 if err.missing else 1
     out = args.out or ROOT / "build" / "render" / args.stack
     write_render(evaluation, out)
     print(f"render: {len(manifests(evaluation))} manifests, {len(evaluation.resources)} resources -> {out}")
