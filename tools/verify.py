@@ -349,7 +349,7 @@ def judge_external_dns(kind: ProbeKind, result: Completed) -> tuple[bool | None,
     if kind == "probe":
         parsed = _probe_json(result.stdout)
         if parsed is None:
-            return None, f"probe did not run (rc {result.rc}): {_one_line(result.stderr or result.stdout)}"
+            return None, _did_not_run(result)
         if parsed["ok"]:
             return True, f"answered: {', '.join(parsed.get('addrs') or [])}"
         text = str(parsed.get("error", ""))
@@ -374,6 +374,10 @@ def _probe_json(out: str) -> dict[str, Any] | None:
         if isinstance(value, dict) and "ok" in value:
             return value
     return None
+
+
+def _did_not_run(result: Completed) -> str:
+    return f"probe did not run (rc {result.rc}): {_one_line(result.stderr or result.stdout)}"
 
 
 def _one_line(text: str, limit: int = 160) -> str:
@@ -404,7 +408,7 @@ def judge_exit_ip(kind: ProbeKind, result: Completed, expected: Sequence[str]) -
     if kind == "probe":
         parsed = _probe_json(result.stdout)
         if parsed is None:
-            return False, f"probe did not run (rc {result.rc}): {_one_line(result.stderr or result.stdout)}"
+            return False, _did_not_run(result)
         body, error = str(parsed.get("body", "")), str(parsed.get("error", ""))
         if not parsed["ok"]:
             return False, f"request failed via {via or '?'}: {_one_line(error)}"
@@ -427,7 +431,7 @@ def judge_connect(kind: ProbeKind, result: Completed) -> tuple[bool | None, str]
     if kind == "probe":
         parsed = _probe_json(result.stdout)
         if parsed is None:
-            return None, f"probe did not run (rc {result.rc}): {_one_line(result.stderr or result.stdout)}"
+            return None, _did_not_run(result)
         if parsed["ok"]:
             return True, f"connected ({parsed.get('local', '')} -> {parsed.get('remote', '')})"
         return False, _short_error(str(parsed.get("error", "")))
@@ -463,7 +467,7 @@ def judge_dns(kind: ProbeKind, result: Completed, name: str, service_ip: str | N
     if kind == "probe":
         parsed = _probe_json(result.stdout)
         if parsed is None:
-            return False, f"probe did not run (rc {result.rc}): {_one_line(result.stderr or result.stdout)}"
+            return False, _did_not_run(result)
         if not parsed["ok"]:
             return False, f"{name}: {_one_line(str(parsed.get('error', '')))}"
         answers = [str(a) for a in parsed.get("addrs") or []]
