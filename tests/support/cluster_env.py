@@ -85,10 +85,16 @@ HOST_API = ("127.0.0.1", 16443)  # the forwarder on the host
 CGROUP_ROOT = "tse-cluster"  # kubelet's cgroupRoot, in every v1 hierarchy
 INTERNET_IP = LINKS["internet"][1]
 LAN_IP = LINKS["lan"][1]
+# The stack's default tags (config.TailnetConfig), which the tailnet policy speaks of.
+EXIT_TAG = "tag:egress-exit"
+RELAY_TAG = "tag:egress-relay"
+LAPTOP_ROLE = "laptop"  # a member's device on the tailnet (--tailnet)
+LAPTOP_SERVICE_PORT = 8022  # an HTTP server at its tailnet address
 
 K8S_BINS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy")
 CLUSTER_BINS = ("kube-router", "coredns", "probe", "pause")
 IMAGES = ("pause", "tailscale", "probe", "coredns")
+IMAGES_LAYOUT = 2  # scripts/build-cluster-bins.sh's IMAGES_LAYOUT
 COREDNS_IMAGE = "local/coredns:1.15.0"
 PROBE_IMAGE = "local/probe:1"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10.1"
@@ -128,11 +134,12 @@ def missing_prerequisites() -> list[str]:
 
 def missing_artifacts(bin_dir: Path) -> list[str]:
     out = [f"{bin_dir / b}" for b in (*K8S_BINS, *CLUSTER_BINS) if not os.access(bin_dir / b, os.X_OK)]
-    out += [
-        f"{bin_dir.parent / 'images' / (i + '.tar')}"
-        for i in IMAGES
-        if not (bin_dir.parent / "images" / f"{i}.tar").exists()
-    ]
+    images = bin_dir.parent / "images"
+    out += [f"{images / (i + '.tar')}" for i in IMAGES if not (images / f"{i}.tar").exists()]
+    # Images of an older layout (e.g. a relay image without iptables) are rebuilt.
+    listing = images / "IMAGES"
+    if f"IMAGES_LAYOUT={IMAGES_LAYOUT}" not in (listing.read_text().splitlines() if listing.exists() else []):
+        out.append(f"{listing} (not IMAGES_LAYOUT={IMAGES_LAYOUT}: scripts/build-cluster-bins.sh images)")
     return out
 
 
@@ -471,7 +478,8 @@ class State:
     namespaces: list[str] = field(default_factory=list)
     sysctls: dict[str, str] = field(default_factory=dict)
     created_cgroups: list[str] = field(default_factory=list)
-    # With --tailnet: login_server, exit_tailnet_ip, exit_public_ip, ca, headscale_config.
+    # With --tailnet: login_server, exit_tailnet_ip, exit_public_ip, exit_tag, relay_tag,
+    # laptop_tailnet_ip, ca, headscale_config, headscale_policy.
     tailnet: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
@@ -1015,22 +1023,53 @@ oom_score = 0
         self._phase("coredns", t)
 
     def _up_tailnet(self) -> None:
-        """The topology's headscale and exit node, and the relay image
-        re-imported with the topology's CA in its bundle (headscale's
-        certificate is signed by it; the rendered pod is used unchanged)."""
+        """The topology's headscale (with the stack's tailnet policy), its exit
+        node (tagged, behind the cloud-init guard), a member's laptop serving
+        HTTP at its tailnet address, and the relay image re-imported with the
+        topology's CA in its bundle (headscale's certificate is signed by it;
+        the rendered pod is used unchanged)."""
         t = time.monotonic()
         topo = self.topo
         if topo is None:
             raise ClusterError("the topology is not up")
+        # As the data path does it (tests/datapath/test_tailnet_reach.py): the
+        # tailnet policy the stack writes, in Headscale's terms, and the exit
+        # node's cloud-init guard. Without them, the relay reaches the exit
+        # node's own services and every other device of the tailnet.
+        from tests.datapath.test_tailnet_reach import LAPTOP_LINK, apply_guard, stack_policy_for_headscale
+
+        topo.hs_policy_path = topo.workdir / "policy.hujson"
+        topo.hs_policy_path.write_text(json.dumps(stack_policy_for_headscale(), indent=2))
         self.state.pids["headscale"] = topo.start_control().pid
+        # Tagged, as the stack's exit node key is: the policy's `via` names the tag.
+        topo.exit_authkey = topo.tagged_preauth_key([EXIT_TAG], ephemeral=True, reusable=False)
+        apply_guard(topo)
         exit_ip = topo.start_exit(approve=True)
         self.state.pids["exit-tailscaled"] = topo.procs["exit-tailscaled"].pid
+        # Another tailnet device (a member's laptop) with a service at its
+        # tailnet address: the relay must not reach it.
+        self.state.namespaces.append(topo.ns(LAPTOP_ROLE))
+        self.state.save(self.state_file)
+        laptop_ip = topo.start_tailnet_node(LAPTOP_ROLE, *LAPTOP_LINK, authkey=topo.preauth_key(ephemeral=True))
+        self.state.pids["laptop-tailscaled"] = topo.procs[f"{LAPTOP_ROLE}-tailscaled"].pid
+        wait_for(
+            f"{laptop_ip} on the laptop's tailscale0",
+            lambda: laptop_ip in topo.run(LAPTOP_ROLE, ["ip", "addr", "show", "tailscale0"]).stdout,
+            20,
+        )
+        self.state.pids["laptop-service"] = topo.start_listener(
+            LAPTOP_ROLE, "laptop", laptop_ip, LAPTOP_SERVICE_PORT
+        ).pid
         self.state.tailnet = {
             "login_server": LOGIN_SERVER,
             "exit_tailnet_ip": exit_ip,
             "exit_public_ip": EXIT_PUBLIC_IP,
+            "exit_tag": EXIT_TAG,
+            "relay_tag": RELAY_TAG,
+            "laptop_tailnet_ip": laptop_ip,
             "ca": str(topo.ca_cert),
             "headscale_config": str(topo.hs_config),
+            "headscale_policy": str(topo.hs_policy_path),
         }
         self.state.save(self.state_file)
         work = self.build / "relay-image"

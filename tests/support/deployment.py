@@ -56,9 +56,9 @@ SERVER_PORT = 8080  # the server pod's TCP port (busybox httpd), and its NodePor
 NODE_PORT = 30080
 # The node guard needs iptables in the relay image (ghcr.io/tailscale/tailscale
 # ships iptables-legacy and iptables-nft); the image assembled here
-# (scripts/build-cluster-bins.sh) has had containerboot, tailscaled, tailscale
-# and busybox only: the guard then finds no backend and never sets its rules.
-# So the guard is on exactly when the relay image the cluster imported has them.
+# (scripts/build-cluster-bins.sh) carries them from Debian's iptables, an image
+# built before that had none: the guard then finds no backend and never sets
+# its rules. So the guard is on exactly when the imported relay image has them.
 RELAY_IMAGE = "ghcr.io/tailscale/tailscale:v1.102.5"
 GUARD_COMMANDS = ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save")
 TOPOLOGY = BUILD / "topology"
@@ -129,8 +129,11 @@ class Tailnet:
         return str(out["key"])
 
     def exit_key(self) -> str:
+        """Tagged as the exit node first joined: the tailnet policy routes the relay only via that tag."""
         user = next(u for u in self.hs("users", "list") if u["name"] == "tse")
-        return str(self.hs("preauthkeys", "create", "--user", str(user["id"]), "--expiration", "1h")["key"])
+        tags = ["--tags", self.info["exit_tag"]] if self.info.get("exit_tag") else []
+        out = self.hs("preauthkeys", "create", "--user", str(user["id"]), "--expiration", "1h", *tags)
+        return str(out["key"])
 
     def approve_exit(self, approve: bool) -> None:
         node = self.exit_node()
