@@ -1,6 +1,6 @@
 # tailscale-egress: one command to set up and test, one to deploy.
 #   make test                 the fast suite: sets up .venv and the test tools, runs the unit tests
-#   make test-all             lint, the fast suite and the real data-path suite (Linux, root)
+#   make test-all             lint, the fast suite, the real data path, engine and single-node cluster (Linux, root)
 #   make up STACK=<name>      deploy a developer stack (needs the Pulumi CLI and credentials)
 
 PYTHON ?= python3
@@ -83,7 +83,7 @@ test-engine: venv engine-bins ## the real Pulumi engine against a real API serve
 bench-engine: venv engine-bins ## time pulumi preview and up of 1 and 20 namespaces against one ConfigMap
 	$(PY) tools/bench_engine.py
 
-test-all: lint lint-bins test test-datapath test-engine ## what CI runs: lint, the fast suite, the data path and the engine
+test-all: lint lint-bins test test-datapath test-engine test-cluster ## what CI runs: lint, the fast suite, the data path, the engine and the real cluster
 
 render: venv ## write every object of STACK to build/render/STACK, no CLI or credentials
 	$(PY) tools/render.py $(STACK)

@@ -21,7 +21,7 @@
 # Usage: build-cluster-bins.sh [component...]  (default: all, in the order above)
 # Idempotent: a binary already built from the pinned version is kept; images
 # are rebuilt only when an input changed. Needs Go, gcc with static glibc,
-# umoci and busybox-static (scripts/install-test-tools.sh --cluster).
+# umoci, busybox-static and iptables (scripts/install-test-tools.sh --cluster).
 # Output: $TS_EGRESS_CACHE/bin/<name>, $TS_EGRESS_CACHE/images/<name>.tar
 set -euo pipefail
 
@@ -40,6 +40,9 @@ PROBE_IMAGE=local/probe:1
 PAUSE_IMAGE="registry.k8s.io/pause:$PAUSE_TAG"
 TAILSCALE_IMAGE="ghcr.io/tailscale/tailscale:$TAILSCALE_VERSION"
 COREDNS_IMAGE="local/coredns:${COREDNS_VERSION#v}"
+# Bumped when what goes into an image changes (2: iptables in the relay
+# image): tests/support/cluster_env.py rebuilds images of another layout.
+IMAGES_LAYOUT=2
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${TS_EGRESS_CACHE:-$HOME/.cache/tailscale-egress}"
@@ -187,6 +190,46 @@ busybox_root() {
     printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' > "$root/etc/group"
 }
 
+# iptables_root <dir>: iptables-legacy and iptables-nft from this host's Debian
+# iptables package, under the command names ghcr.io/tailscale/tailscale
+# (Alpine) has: the node guard calls iptables-{legacy,nft}[-save|-restore] and
+# ip6tables-*; containerboot's linuxfw finds plain iptables/ip6tables, linked
+# to legacy upstream (tailscale issue 17854), the -save/-restore to nft. With
+# the shared libraries ldd names, the dynamic loader and the extension modules
+# (the path Debian compiled in as XTABLES_LIBDIR).
+IPTABLES_MULTI=(/usr/sbin/xtables-legacy-multi /usr/sbin/xtables-nft-multi)
+XTABLES_LIBDIR=/usr/lib/x86_64-linux-gnu/xtables
+iptables_root() {
+    local root=$1 f lib b fam
+    for f in "${IPTABLES_MULTI[@]}"; do
+        [[ -x $f ]] || die "$f not found (apt-get install iptables)"
+    done
+    [[ -d $XTABLES_LIBDIR ]] || die "$XTABLES_LIBDIR not found (apt-get install iptables)"
+    mkdir -p "$root/usr/sbin" "$root$XTABLES_LIBDIR" "$root/run"
+    for f in "${IPTABLES_MULTI[@]}"; do install -m 0755 "$f" "$root/usr/sbin/"; done
+    cp -a "$XTABLES_LIBDIR/." "$root$XTABLES_LIBDIR/"
+    # Every library the binaries and the modules load, at the path ldd resolves.
+    for lib in $( (ldd "${IPTABLES_MULTI[@]}" "$XTABLES_LIBDIR"/*.so || true) \
+        | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*ld-linux/ {print $1}' | sort -u); do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    [[ -e $root/lib64/ld-linux-x86-64.so.2 ]] || die "no dynamic loader found by ldd for ${IPTABLES_MULTI[*]}"
+    for fam in iptables ip6tables; do
+        for b in "" -save -restore; do
+            ln -sfn xtables-legacy-multi "$root/usr/sbin/$fam-legacy$b"
+            ln -sfn xtables-nft-multi "$root/usr/sbin/$fam-nft$b"
+            ln -sfn xtables-nft-multi "$root/usr/sbin/$fam$b"
+        done
+        ln -sfn "$fam-legacy" "$root/usr/sbin/$fam"
+    done
+    [[ -f /etc/protocols ]] && install -m 0644 /etc/protocols "$root/etc/protocols"
+    # Proof it runs in there, before it becomes an image.
+    chroot "$root" /usr/sbin/iptables-legacy --version >/dev/null \
+        && chroot "$root" /usr/sbin/iptables-nft --version >/dev/null \
+        || die "iptables does not run in the relay image's root $root (ldd missed a library?)"
+}
+
 # ca_bundle <dir>: the system CA bundle, plus $TSE_IMAGE_EXTRA_CA (the test
 # topology's CA, so the relay trusts headscale's certificate) when set.
 ca_bundle() {
@@ -211,10 +254,12 @@ build_images() {
     image pause "$PAUSE_IMAGE" 65535 '["/pause"]' '[]' "$r"
 
     # The relay image: what ghcr.io/tailscale/tailscale has at /usr/local/bin,
-    # plus the /bin/sh and awk the rendered probes run (busybox).
+    # plus the /bin/sh and awk the rendered probes run (busybox) and the
+    # iptables backends the node guard and containerboot use.
     r="$roots/tailscale"
     busybox_root "$r"
     ca_bundle "$r"
+    iptables_root "$r"
     mkdir -p "$r/usr/local/bin"
     for b in containerboot tailscaled tailscale; do install -m 0755 "$BIN/$b" "$r/usr/local/bin/$b"; done
     image tailscale "$TAILSCALE_IMAGE" 0 '["/usr/local/bin/containerboot"]' '[]' "$r"
@@ -237,6 +282,7 @@ PAUSE_IMAGE=$PAUSE_IMAGE
 TAILSCALE_IMAGE=$TAILSCALE_IMAGE
 PROBE_IMAGE=$PROBE_IMAGE
 COREDNS_IMAGE=$COREDNS_IMAGE
+IMAGES_LAYOUT=$IMAGES_LAYOUT
 EOF
 }
 
