@@ -100,7 +100,8 @@ build_coredns() { go_build coredns coredns github.com/coredns/coredns "$COREDNS_
 
 build_probe() {
     local src="$HERE/go/probe" out="$BIN/probe-local/probe"
-    if [[ -x "$out" && "$out" -nt "$src/main.go" && "$out" -nt "$src/go.mod" ]]; then
+    # Rebuilt when any of its sources (every .go file, go.mod) is newer than it.
+    if [[ -x "$out" && -z $(find "$src" -newer "$out" \( -name '*.go' -o -name go.mod \) -print -quit) ]]; then
         echo "up to date: $out"
     else
         echo "building: probe ($src) -> $out"
