@@ -116,6 +116,11 @@ test-cluster: venv datapath-bins engine-bins ## the cluster's smoke tests and th
 	bash scripts/build-cluster-bins.sh
 	$(PY) -m pytest -m cluster tests/cluster -v
 
+.PHONY: bench-cluster
+bench-cluster: venv datapath-bins engine-bins ## benchmark the relay pod in the real cluster: direct, userspace and kernel-mode relay, 1/10/100 clients, its memory (about 5 min)
+	bash scripts/install-test-tools.sh --cluster
+	$(PY) tools/bench_cluster.py
+
 # The whole promise on this machine with no account (Linux, root, cgroup v1):
 # the cluster and the topology, `pulumi up` through the real engine, then
 # make verify's table. It stays up until demo-down.

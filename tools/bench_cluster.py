@@ -199,6 +199,10 @@ class Cgroup:
     def throttled_seconds(self) -> float:
         return self._stat(self.cpu, "cpu.stat").get("throttled_time", 0) / 1e9
 
+    def pid(self) -> int:
+        """A process of it: the way into its network namespace (/proc/<pid>/net)."""
+        return int((self.memory / "cgroup.procs").read_text().split()[0])
+
 
 def pod_cgroup(api: Api, ns: str, name: str, container: str | None = None) -> Cgroup:
     pod = api.get("v1", "Pod", name, ns)
@@ -210,6 +214,17 @@ def pod_cgroup(api: Api, ns: str, name: str, container: str | None = None) -> Cg
         if cs["name"] == container and cs.get("containerID"):
             return Cgroup.find(cs["containerID"].split("://", 1)[1])
     raise BenchError(f"no running container {container} in {ns}/{name}")
+
+
+def snmp(pid: int, counter: str) -> int:
+    """A counter of /proc/<pid>/net/snmp (the process's network namespace), e.g. "Tcp RetransSegs"."""
+    proto, name = counter.split()
+    lines = Path(f"/proc/{pid}/net/snmp").read_text().splitlines()
+    for head, values in zip(lines[::2], lines[1::2], strict=True):
+        keys, nums = head.split(), values.split()
+        if keys[0] == f"{proto}:" and name in keys:
+            return int(nums[keys.index(name)])
+    raise BenchError(f"no {counter} in /proc/{pid}/net/snmp")
 
 
 def process_tree_cpu(pid: int) -> float:
@@ -405,7 +420,7 @@ def cell(route: Route, kind: str, clients: int, meters: Meters) -> dict[str, Any
     meters.label = "between"
     if res.get("check") != "load":
         raise BenchError(f"{route.name} {kind} x{clients}: {res}")
-    res["cpu_s"] = {k: round(after[k] - before[k], 3) for k in after if k in before}
+    res["deltas"] = {k: round(after[k] - before[k], 3) for k in after if k in before}
     return {"route": route.name, "relay": route.relay, "kind": kind, "clients": clients, **res}
 
 
@@ -438,8 +453,10 @@ class Summary:
     def failures(self, route: str, kind: str, clients: int) -> int:
         return sum(int(c["failures"]) for c in self.of(route, kind, clients).values())
 
-    def cpu(self, route: str, kind: str, clients: int, meter: str) -> float:
-        return med([c["cpu_s"].get(meter, float("nan")) for c in self.of(route, kind, clients).values()])
+    def delta(self, route: str, kind: str, clients: int, meter: str) -> float:
+        """Median over runs of what a meter counted during the cell (CPU seconds, packets)."""
+        cells = self.of(route, kind, clients).values()
+        return med([c.get("deltas", c.get("cpu_s", {})).get(meter, float("nan")) for c in cells])
 
 
 def table(s: Summary, chosen: Sequence[Route], concurrency: Sequence[int]) -> str:
@@ -454,8 +471,8 @@ def table(s: Summary, chosen: Sequence[Route], concurrency: Sequence[int]) -> st
             meter = {"userspace": "relay", "kernel": "kernel relay"}.get(r.relay)
             if meter:
                 relay_cpu = (
-                    f"{s.cpu(r.name, 'download', clients, meter):.2f}"
-                    f" ({s.cpu(r.name, 'download', clients, meter + ' throttled'):.2f})"
+                    f"{s.delta(r.name, 'download', clients, meter):.2f}"
+                    f" ({s.delta(r.name, 'download', clients, meter + ' throttled'):.2f})"
                 )
             fails = s.failures(r.name, "download", clients) + s.failures(r.name, "requests", clients)
             rows.append(
@@ -464,7 +481,7 @@ def table(s: Summary, chosen: Sequence[Route], concurrency: Sequence[int]) -> st
                 f"{s.metric(r.name, 'requests', clients, 'p50_ms'):.1f} | "
                 f"{s.added(r.name, 'direct', 'requests', clients, 'p50_ms'):+.1f} | "
                 f"{s.metric(r.name, 'requests', clients, 'p99_ms'):.1f} | {fails} | {relay_cpu} | "
-                f"{s.cpu(r.name, 'download', clients, 'exit node'):.2f} |"
+                f"{s.delta(r.name, 'download', clients, 'exit node'):.2f} |"
             )
     return "\n".join(rows)
 
@@ -505,6 +522,14 @@ def goals(s: Summary, names: set[str], concurrency: Sequence[int], peak: int, ws
     return out
 
 
+LOSS_METERS = (
+    "server TCP retransmits",
+    "relay UDP receive errors",
+    "kernel relay UDP receive errors",
+    "exit node UDP receive errors",
+)
+
+
 def dominates(s: Summary, names: set[str], concurrency: Sequence[int]) -> list[str]:
     """CPU seconds per 64 MiB download and per small-request cell, by component."""
     out: list[str] = []
@@ -514,12 +539,15 @@ def dominates(s: Summary, names: set[str], concurrency: Sequence[int]) -> list[s
             for r in ("direct", "userspace CONNECT", "userspace SOCKS5", "kernel CONNECT", "kernel routed"):
                 if r not in names:
                     continue
-                parts = {m: s.cpu(r, kind, c, m) for m in meters}
+                parts = {m: s.delta(r, kind, c, m) for m in meters}
                 parts = {m: v for m, v in parts.items() if v == v and v >= 0.005}  # not NaN, not ~0
+                losses = {m: s.delta(r, kind, c, m) for m in LOSS_METERS}
+                lost = ", ".join(f"{m} {v:.0f}" for m, v in losses.items() if v == v and v > 0)
                 wall = s.metric(r, kind, c, "elapsed_s")
                 out.append(
                     f"{kind:8} x{c:<3} {r:18} wall {wall:6.2f} s; CPU s: "
                     + ", ".join(f"{m} {v:.2f}" for m, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+                    + (f"; {lost}" if lost else "")
                 )
     return out
 
@@ -602,12 +630,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             "relay throttled": relay.throttled_seconds,
             "exit node": lambda: process_tree_cpu(cluster.state.pids["exit-tailscaled"]),
             "server": lambda: process_tree_cpu(server.pid),
+            # Where packets are lost: the server retransmits what did not arrive;
+            # a tunnel end whose UDP socket overflows drops WireGuard packets.
+            "server TCP retransmits": lambda: snmp(server.pid, "Tcp RetransSegs"),
+            "exit node UDP receive errors": lambda: snmp(cluster.state.pids["exit-tailscaled"], "Udp InErrors"),
+            "relay UDP receive errors": lambda: snmp(relay.pid(), "Udp InErrors"),
         }
         memory = {"relay": relay}
         clients_cg = {r.pod: pod_cgroup(api, r.ns, r.pod, r.container) for r in chosen}
         if kernel:
             krelay = pod_cgroup(api, OPEN, KRELAY, RELAY_CONTAINER)
-            cpu |= {"kernel relay": krelay.cpu_seconds, "kernel relay throttled": krelay.throttled_seconds}
+            cpu |= {
+                "kernel relay": krelay.cpu_seconds,
+                "kernel relay throttled": krelay.throttled_seconds,
+                "kernel relay UDP receive errors": lambda: snmp(krelay.pid(), "Udp InErrors"),
+            }
             memory["kernel relay"] = krelay
         meters = Meters(cpu=cpu, memory=memory)
         # The client of the cell running: its container's CPU.
