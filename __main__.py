@@ -22,10 +22,11 @@ from preflight import check_environment, check_tailnet_policy
 
 # 1. Configuration and preflight: every problem is reported before anything is created.
 cfg = load_config()
-check_environment(cfg)
+cluster_now = check_environment(cfg)
 current_policy = check_tailnet_policy(cfg)
 names = StackNames.for_stack(pulumi.get_project(), pulumi.get_stack())
-deployer = guard_preflight(cfg.cluster) if cfg.cluster.admission_guard else None
+policies_now = cluster_now.network_policies if cluster_now else None
+deployer = guard_preflight(cfg.cluster, policies_now) if cfg.cluster.admission_guard else None
 given_relay_key = pulumi.Config(PROJECT).get_secret("relayAuthKey")
 
 # 2. Tailnet access: auth keys (and the policy file, when the stack manages it);

@@ -124,14 +124,19 @@ def opening_policies(cluster: ClusterConfig, policies: Sequence[Manifest]) -> li
     return found
 
 
-def check_existing_policies(cluster: ClusterConfig) -> None:
+def check_existing_policies(cluster: ClusterConfig, listed: Sequence[Manifest] | None = None) -> None:
     """Refuse to deploy while a protected namespace already holds a policy
-    that opens egress: admission judges only what is written from now on."""
+    that opens egress: admission judges only what is written from now on.
+
+    `listed`: every NetworkPolicy of the cluster when the preflight has read
+    them already (preflight.read_cluster); else they are asked for here."""
     if os.environ.get(OFFLINE_ENV) == "1":
         return
-    command = _kubectl_command(cluster, "get", "networkpolicies", "--all-namespaces", "--output", "json")
-    listed = _kubectl_json(command, "tailscale-egress:cluster.admissionGuard is on, and")
-    found = opening_policies(cluster, listed.get("items") or [] if isinstance(listed, dict) else [])
+    if listed is None:
+        command = _kubectl_command(cluster, "get", "networkpolicies", "--all-namespaces", "--output", "json")
+        answer = _kubectl_json(command, "tailscale-egress:cluster.admissionGuard is on, and")
+        listed = answer.get("items") or [] if isinstance(answer, dict) else []
+    found = opening_policies(cluster, listed)
     if found:
         raise PreflightError(
             "cannot deploy yet: these NetworkPolicies in protected namespaces allow egress beyond the relay's"
@@ -143,11 +148,12 @@ def check_existing_policies(cluster: ClusterConfig) -> None:
         )
 
 
-def guard_preflight(cluster: ClusterConfig) -> str:
+def guard_preflight(cluster: ClusterConfig, policies: Sequence[Manifest] | None = None) -> str:
     """Before anything is created: who deploys the stack, and no policy
-    already open in a protected namespace. Returns the deployer's username."""
+    already open in a protected namespace (among `policies`, when the
+    preflight has read them). Returns the deployer's username."""
     deployer = deployer_username(cluster)
-    check_existing_policies(cluster)
+    check_existing_policies(cluster, policies)
     return deployer
 
 

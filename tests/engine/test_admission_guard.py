@@ -37,7 +37,7 @@ from preflight import OFFLINE_ENV, PreflightError
 from tests.stacks import RELAY_AUTH_KEY, cluster_only_config, kube_objects, with_config
 from tests.support.apiserver import Cluster
 from tests.test_admission_guard import OPENING, ORDINARY, network_policy
-from tools.mockstack import PROJECT, evaluate
+from tools.mockstack import PROJECT, Evaluation, evaluate
 
 pytestmark = pytest.mark.engine
 
@@ -386,6 +386,50 @@ class TestPoliciesWrittenBeforeTheGuard:
             assert f"NetworkPolicy {namespace}/chart: egress[0] = {{}}" in str(err.value)
         finally:
             kubectl(ADMIN, "delete", "namespace", namespace, "--wait=false")
+
+    def test_the_program_refuses_it_before_anything_is_created(
+        self, stack: Stack, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The whole program's preflight, as `pulumi preview` runs it (it reads
+        namespaces and policies in one kubectl call): the open policy is named
+        and no Kubernetes resource is registered."""
+        namespace = f"{stack.protected}-open"
+        ok(kubectl(ADMIN, "create", "namespace", namespace))
+        try:
+            ok(kubectl(ADMIN, "create", "-f", "-", stdin=as_yaml(network_policy("chart", namespace, egress=[{}]))))
+            result = _program_preflight(stack, ADMIN, namespace, monkeypatch)
+            assert isinstance(result.error, PreflightError), result.error
+            assert f"NetworkPolicy {namespace}/chart: egress[0] = {{}}" in str(result.error)
+            assert [r.type for r in result.resources if r.type.startswith("kubernetes:")] == []
+        finally:
+            kubectl(ADMIN, "delete", "namespace", namespace, "--wait=false")
+
+    def test_a_deployer_who_may_not_list_every_policy_is_told_which_call_failed(
+        self, stack: Stack, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """alice may list namespaces but not the NetworkPolicies of every
+        namespace: the program names the guard's call, its refusal and the fix."""
+        result = _program_preflight(stack, ALICE, stack.protected, monkeypatch)
+        message = str(result.error)
+        assert isinstance(result.error, PreflightError), result.error
+        assert "tailscale-egress:cluster.admissionGuard is on, and `kubectl get networkpolicies" in message
+        assert "forbidden" in message and "pulumi config set --path cluster.deployer" in message
+        assert [r.type for r in result.resources if r.type.startswith("kubernetes:")] == []
+
+
+def _program_preflight(stack: Stack, context: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Evaluation:
+    """__main__.py under the mock engine with its preflight online against the
+    suite's API server, protecting the existing `namespace`."""
+    monkeypatch.setenv("PATH", f"{Path(_kubectl_path()).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    config = with_config(
+        cluster_only_config(stack.relay),
+        "cluster",
+        context=context,
+        kubeconfig=str(_SESSION["kubeconfig"]),
+        protectedNamespaces=[namespace],
+        deployer=stack.deployer,
+    )
+    return evaluate(config, "guard-preflight", secret_keys=(RELAY_AUTH_KEY,), offline=False)
 
 
 class TestTheDeployer:
