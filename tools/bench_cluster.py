@@ -702,7 +702,11 @@ def report(data: dict[str, Any]) -> None:
         s, set(wanted), concurrency, mem["cgroup_peak"]["relay"], mem["working_set_peak"].get("relay", 0)
     ):
         print(f"  {line}")
-    print("\nwhere the CPU goes (medians per cell: 64 MiB in all / the small requests):")
+    print(
+        "\nwhere the CPU goes (medians per cell: 64 MiB in all / the small requests; a container's CPU is its "
+        "cgroup's, so the kernel's TCP/IP work, charged to whoever runs, is partly left out of the kernel-mode "
+        "relay's; then packets lost on the way, counted where they show):"
+    )
     for line in dominates(s, set(wanted), concurrency):
         print(f"  {line}")
     print("\ntimings (s): " + ", ".join(f"{k} {v}" for k, v in data["timings"].items()))
