@@ -686,8 +686,9 @@ def report(data: dict[str, Any]) -> None:
     wanted, concurrency = data["paths"], data["concurrency"]
     chosen = [r for r in routes() if r.name in wanted]
     mem, load = data["memory"], data["load"]
-    print(f"\nmedians of {data['runs']} runs; ratios and added latency within each run; load average "
-          f"(1, 5, 15 min) {load['start']} at the start, {load['end']} at the end; {load['cpus']} CPUs\n")  # fmt: skip
+    print(f"\nmedians of {data['runs']} runs ('x direct' and '+p50': medians of each run's own ratio and "
+          f"difference); load average (1, 5, 15 min) {load['start']} at the start, {load['end']} at the end; "
+          f"{load['cpus']} CPUs\n")  # fmt: skip
     print(table(s, chosen, concurrency))
     print("\nmemory (cgroup v1 of the container; working set = usage - inactive file, sampled every 0.2 s):")
     for k in mem["limit"]:
