@@ -2,15 +2,21 @@
 `pulumi up` of the cluster-only stack with 1 and with 20 protected
 namespaces, against the same engine running a one-ConfigMap program.
 
-Starts the loopback control plane of `make cluster-api` (fresh), runs each
-case RUNS times (each `up` from an empty stack, then destroyed, untimed),
-prints medians, the ratios, and how the time splits: the program's own
+Starts the loopback control plane of `make cluster-api` (fresh); after one
+untimed preview of each case, previews the cases in turn PREVIEW_RUNS times
+(so that a change of the machine's load falls on every case alike), then runs
+each case's `up` RUNS times (each from an empty stack, then destroyed,
+untimed); prints medians, the ratios, and how the time splits: the program's own
 evaluation (timed inside the inline program) and the rest (CLI and plugin
-start, the engine, API calls, await).
+start, the engine, API calls, await). A preview of 20 independent ConfigMaps
+(as many Kubernetes objects as the 1-namespace stack, with no dependency and
+no program work) gives the engine's cost per object, and so the floor of any
+program that creates that many objects.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -28,6 +34,7 @@ from tests.support import apiserver
 from tests.support.engine import Engine, run_project_program
 
 RUNS = 3
+PREVIEW_RUNS = 5
 STATE = Path(__file__).resolve().parent.parent / "build" / "bench-engine"
 
 
@@ -36,15 +43,18 @@ def config(cluster: apiserver.Cluster, namespaces: int) -> dict[str, Any]:
     return cluster_only_config_on(str(cluster.kubeconfig), cluster.context(), f"bench-relay-{namespaces}", protected)
 
 
-def one_configmap(cluster: apiserver.Cluster) -> Callable[[], None]:
+def configmaps(cluster: apiserver.Cluster, count: int = 1) -> Callable[[], None]:
+    """`count` independent ConfigMaps in `default` (the first is named bench-one)."""
+
     def program() -> None:
         provider = k8s.Provider("cluster", kubeconfig=str(cluster.kubeconfig), context=cluster.context())
-        k8s.core.v1.ConfigMap(
-            "one",
-            metadata={"name": "bench-one", "namespace": "default"},
-            data={"a": "b"},
-            opts=pulumi.ResourceOptions(provider=provider),
-        )
+        for i in range(count):
+            k8s.core.v1.ConfigMap(
+                "one" if i == 0 else f"cm-{i}",
+                metadata={"name": "bench-one" if i == 0 else f"bench-cm-{i}", "namespace": "default"},
+                data={"a": "b"},
+                opts=pulumi.ResourceOptions(provider=provider),
+            )
 
     return program
 
@@ -62,44 +72,74 @@ class Timed:
         self.seconds.append(time.perf_counter() - start)
 
 
-def measure(engine: Engine, name: str, stack_config: dict[str, Any], program: Callable[[], None]) -> dict[str, Any]:
-    timed = Timed(program)
-    secret = (RELAY_AUTH_KEY,) if RELAY_AUTH_KEY in stack_config else ()
-    stack = engine.stack(name, stack_config, secret_keys=secret)
-    previews, ups = [], []
-    for _ in range(RUNS):
+class Case:
+    """One stack and its program, with the times measured."""
+
+    def __init__(
+        self, engine: Engine, name: str, stack_config: dict[str, Any], program: Callable[[], None], up: bool = True
+    ) -> None:
+        self.engine, self.name, self.up = engine, name, up
+        self.timed = Timed(program)
+        secret = (RELAY_AUTH_KEY,) if RELAY_AUTH_KEY in stack_config else ()
+        self.stack = engine.stack(name, stack_config, secret_keys=secret)
+        self.previews: list[float] = []
+        self.resources = 0
+
+    def preview(self, timed: bool = True) -> None:
         start = time.perf_counter()
-        stack.preview(color="never", program=timed)
-        previews.append(time.perf_counter() - start)
-    preview_eval = statistics.median(timed.seconds)
-    timed.seconds.clear()
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        stack.up(color="never", program=timed)
-        ups.append(time.perf_counter() - start)
-        stack.destroy(color="never")
-    engine.remove_stack(name)
-    return {
-        "preview": statistics.median(previews),
-        "up": statistics.median(ups),
-        "preview_eval": preview_eval,
-        "up_eval": statistics.median(timed.seconds),
-    }
+        result = self.stack.preview(color="never", program=self.timed)
+        if timed:
+            self.previews.append(time.perf_counter() - start)
+        else:
+            self.timed.seconds.clear()
+        self.resources = sum((result.change_summary or {}).values())
+
+    def result(self) -> dict[str, Any]:
+        preview_eval = statistics.median(self.timed.seconds)
+        self.timed.seconds.clear()
+        ups = []
+        for _ in range(RUNS if self.up else 0):
+            start = time.perf_counter()
+            self.stack.up(color="never", program=self.timed)
+            ups.append(time.perf_counter() - start)
+            self.stack.destroy(color="never")
+        self.engine.remove_stack(self.name)
+        return {
+            "preview": statistics.median(self.previews),
+            "up": statistics.median(ups) if ups else float("nan"),
+            "preview_eval": preview_eval,
+            "up_eval": statistics.median(self.timed.seconds) if ups else float("nan"),
+            "resources": self.resources,
+        }
 
 
 def main() -> int:
+    # The preflight's kubectl: yours if it is on PATH, else the one `make engine-bins` built.
+    os.environ["PATH"] = f"{os.environ.get('PATH', '')}{os.pathsep}{apiserver.bin_dir()}"
     with apiserver.running(STATE / "cluster", fresh=True, ports=apiserver.Ports.free()) as cluster:
         engine = Engine(STATE / "pulumi").setup()
-        results = {
-            "one ConfigMap": measure(engine, "bench-one", {}, one_configmap(cluster)),
-            "1 namespace": measure(engine, "bench-1", config(cluster, 1), run_project_program),
-            "20 namespaces": measure(engine, "bench-20", config(cluster, 20), run_project_program),
+        cases = {
+            "one ConfigMap": Case(engine, "bench-one", {}, configmaps(cluster)),
+            "1 namespace": Case(engine, "bench-1", config(cluster, 1), run_project_program),
+            "20 namespaces": Case(engine, "bench-20", config(cluster, 20), run_project_program),
+            "20 ConfigMaps": Case(engine, "bench-cms", {}, configmaps(cluster, 20), up=False),
         }
-    print(f"medians of {RUNS} runs (seconds)")
-    print(f"{'case':<16}{'preview':>9}{'(program)':>11}{'up':>9}{'(program)':>11}")
-    for case, r in results.items():
-        print(f"{case:<16}{r['preview']:>9.2f}{r['preview_eval']:>11.2f}{r['up']:>9.2f}{r['up_eval']:>11.2f}")
-    one, single, twenty = (results[k] for k in ("one ConfigMap", "1 namespace", "20 namespaces"))
+        for case in cases.values():
+            case.preview(timed=False)
+        for _ in range(PREVIEW_RUNS):
+            for case in cases.values():
+                case.preview()
+        load = os.getloadavg()
+        results = {name: case.result() for name, case in cases.items()}
+    print(f"load average during the previews {' '.join(f'{x:.2f}' for x in load)}, on {os.cpu_count()} cores")
+    print(f"medians of {PREVIEW_RUNS} previews and {RUNS} ups (seconds)")
+    print(f"{'case':<16}{'resources':>10}{'preview':>9}{'(program)':>11}{'up':>9}{'(program)':>11}")
+    for name, r in results.items():
+        print(
+            f"{name:<16}{r['resources']:>10}{r['preview']:>9.2f}{r['preview_eval']:>11.2f}"
+            f"{r['up']:>9.2f}{r['up_eval']:>11.2f}"
+        )
+    one, single, twenty, many = (results[k] for k in ("one ConfigMap", "1 namespace", "20 namespaces", "20 ConfigMaps"))
     print(f"preview, 1 namespace / one ConfigMap: {single['preview'] / one['preview']:.2f} (goal <= 1.5)")
     print(f"preview, 20 namespaces / 1 namespace: {twenty['preview'] / single['preview']:.2f} (goal <= 2)")
     print(f"up, 20 namespaces / 1 namespace: {twenty['up'] / single['up']:.2f}")
@@ -108,6 +148,12 @@ def main() -> int:
         f"preview of 1 namespace: {fixed:.2f} s engine and plugin start (the one-ConfigMap preview),"
         f" {single['preview_eval']:.2f} s the program itself,"
         f" {single['preview'] - single['preview_eval'] - fixed:.2f} s the rest (checks and diffs per resource)"
+    )
+    per_object = (many["preview"] - one["preview"]) / 19
+    print(
+        f"per Kubernetes object (20 ConfigMaps against one): {per_object * 1000:.0f} ms; 20 independent objects,"
+        f" as many as the 1-namespace stack creates, with no program work: {many['preview']:.2f} s"
+        f" = {many['preview'] / one['preview']:.2f} x one ConfigMap (the floor of a 20-object preview)"
     )
     return 0
 
