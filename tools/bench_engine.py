@@ -110,6 +110,7 @@ class Case:
             "preview_eval": preview_eval,
             "up_eval": statistics.median(self.timed.seconds) if ups else float("nan"),
             "resources": self.resources,
+            "previews": self.previews,
         }
 
 
@@ -139,6 +140,8 @@ def main() -> int:
             f"{name:<16}{r['resources']:>10}{r['preview']:>9.2f}{r['preview_eval']:>11.2f}"
             f"{r['up']:>9.2f}{r['up_eval']:>11.2f}"
         )
+    for name, r in results.items():
+        print(f"  previews of {name}, in order: {' '.join(f'{t:.2f}' for t in r['previews'])}")
     one, single, twenty, many = (results[k] for k in ("one ConfigMap", "1 namespace", "20 namespaces", "20 ConfigMaps"))
     print(f"preview, 1 namespace / one ConfigMap: {single['preview'] / one['preview']:.2f} (goal <= 1.5)")
     print(f"preview, 20 namespaces / 1 namespace: {twenty['preview'] / single['preview']:.2f} (goal <= 2)")
