@@ -14,7 +14,7 @@ import yaml
 
 from builders.cloud_init import SHELL_SCRIPTS, ExitNodeBoot, render_cloud_init
 from tests.stacks import dev
-from tests.support.cloud_init import schema_check, shellcheck, top_level_keys
+from tests.support.cloud_init import schema_check, shellcheck, tailnet_input_guard, top_level_keys, written_files
 
 Doc = dict[str, Any]
 # Tailscale Inc.'s package signing key, as pkgs.tailscale.com publishes it.
@@ -50,13 +50,9 @@ def doc(text: str) -> Doc:
     return loaded
 
 
-def files(doc: Doc) -> dict[str, Doc]:
-    return {f["path"]: f for f in doc.get("write_files") or []}
-
-
 def run_scripts(doc: Doc) -> list[str]:
     """The contents of the files that runcmd runs, in order."""
-    written = files(doc)
+    written = written_files(doc)
     scripts = []
     for command in doc.get("runcmd") or []:
         argv = command if isinstance(command, list) else shlex.split(command)
@@ -98,13 +94,13 @@ class TestCloudInitAccepts:
 
 class TestShellScripts:
     def test_are_all_checked(self, doc: Doc) -> None:
-        scripts = [p for p, f in files(doc).items() if f["content"].startswith("#!")]
+        scripts = [p for p, f in written_files(doc).items() if f["content"].startswith("#!")]
         assert sorted(scripts) == sorted(SHELL_SCRIPTS)
         assert all(p.startswith("/usr/local/sbin/") for p in SHELL_SCRIPTS)
 
     @pytest.mark.parametrize("path", SHELL_SCRIPTS)
     def test_pass_shellcheck(self, path: str, doc: Doc, tmp_path: Path) -> None:
-        entry = files(doc)[path]
+        entry = written_files(doc)[path]
         assert entry["permissions"] == "0755", "not executable"
         script = tmp_path / Path(path).name
         script.write_text(entry["content"])
@@ -133,7 +129,7 @@ class TestTailscaleInstall:
 class TestForwarding:
     def test_both_forwarding_sysctls_are_set_and_applied(self, doc: Doc) -> None:
         settings: dict[str, str] = {}
-        for path, entry in files(doc).items():
+        for path, entry in written_files(doc).items():
             if path.startswith("/etc/sysctl.d/") and path.endswith(".conf"):
                 for line in entry["content"].splitlines():
                     key, sep, value = line.partition("=")
@@ -159,7 +155,7 @@ class TestJoining:
         (key_flag,) = [a for a in up if a.startswith(("--auth-key=", "--authkey="))]
         key_path = key_flag.split("=", 1)[1].removeprefix("file:")
         assert key_flag.split("=", 1)[1].startswith("file:"), "the key is on the command line"
-        key_file = files(doc)[key_path]
+        key_file = written_files(doc)[key_path]
         assert AUTH_KEY.fullmatch(key_file["content"].strip())
         assert key_file["permissions"] == "0600"
         removed = [i for i, c in enumerate(steps) if c[:1] == ["rm"] and key_path in c]
@@ -171,13 +167,13 @@ class TestJoining:
         assert len(keys) == 1, keys
         (key,) = keys
         assert text.count(key) == 1
-        holders = [p for p, f in files(doc).items() if key in f["content"]]
-        assert len(holders) == 1 and files(doc)[holders[0]]["permissions"] == "0600"
+        holders = [p for p, f in written_files(doc).items() if key in f["content"]]
+        assert len(holders) == 1 and written_files(doc)[holders[0]]["permissions"] == "0600"
 
 
 class TestLogoutOnPowerOff:
     def test_a_unit_logs_out_when_stopped_and_is_enabled(self, doc: Doc) -> None:
-        written = files(doc)
+        written = written_files(doc)
         units = {
             Path(p).name: f["content"]
             for p, f in written.items()
@@ -206,23 +202,8 @@ class TestServesNothing:
     dropped (the data path, tests/datapath/test_tailnet_reach.py, runs this
     very script in the exit node's namespace)."""
 
-    @staticmethod
-    def guard(doc: Doc) -> tuple[str, str, str]:
-        """(unit name, unit text, script text) of the unit whose script drops tailnet input."""
-        written = files(doc)
-        found = []
-        for path, entry in written.items():
-            if not (path.startswith("/etc/systemd/system/") and path.endswith(".service")):
-                continue
-            for line in entry["content"].splitlines():
-                target = line.split("=", 1)[1].strip() if line.startswith("ExecStart=") else ""
-                if target in written and "-i tailscale0 -j DROP" in written[target]["content"]:
-                    found.append((Path(path).name, entry["content"], written[target]["content"]))
-        assert len(found) == 1, "no single unit runs the tailnet input guard"
-        return found[0]
-
     def test_the_guard_runs_at_every_boot_before_tailscaled_which_requires_it(self, doc: Doc) -> None:
-        unit, text, _ = self.guard(doc)
+        unit, text, _ = tailnet_input_guard(doc)
         directives: dict[str, set[str]] = {}
         for line in text.splitlines():
             key, sep, value = line.partition("=")
@@ -239,7 +220,7 @@ class TestServesNothing:
         assert enabled < up, "the node joins before its input is guarded"
 
     def test_the_guard_covers_ipv4_and_ipv6_in_a_table_tailscaled_leaves_alone(self, doc: Doc) -> None:
-        _, _, script = self.guard(doc)
+        _, _, script = tailnet_input_guard(doc)
         assert "for ipt in iptables ip6tables; do" in script
         assert '"$ipt" -w -t mangle -I INPUT 1 -j TSE-GUARD' in script
         # Replies to the VM's own connections (apt, DNS through quad-100) come back on tailscale0.

@@ -35,36 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from builders.tailnet_policy import merged_policy
-from config import StackConfig
-
-# As a module: its test classes must not be collected here again.
-from tests import test_cloud_init
-
-from .topology import ECHO_NAME, EXIT_PUBLIC_IP, HS_USER, INTERNET_IP, Topology, TopologyError, wait_for
+from .stack_tailnet import EXIT_TAG, LAPTOP_LINK, RELAY_TAG, apply_guard, remove_guard, stack_policy_for_headscale
+from .topology import ECHO_NAME, EXIT_PUBLIC_IP, INTERNET_IP, Topology, TopologyError, wait_for
 
 pytestmark = pytest.mark.datapath
 
-TAILNET = StackConfig().tailnet
-EXIT_TAG, RELAY_TAG = TAILNET.exit_node_tag, TAILNET.relay_tag
-LAPTOP_LINK = ("192.168.88.0/24", "192.168.88.10")  # the laptop's own home network
 SERVICE_PORT = 8022  # "sshd": anything listening on a device's own address
 ECHO_IP_URL = f"https://{ECHO_NAME}/ip"
 TRY = 6.0  # seconds a request that must fail is given
 # Names only the exit node's own resolver knows (tests/support/host_dns.py serves them).
 DOH_DOMAIN = "doh.example.test"
 HOST_DNS = Path(__file__).resolve().parents[1] / "support" / "host_dns.py"
-
-
-def stack_policy_for_headscale() -> dict[str, Any]:
-    """The policy the stack writes on a tailnet that allows nothing yet, in
-    Headscale's terms: tag owners are the one user (Headscale has no
-    autogroup:admin); grants, `via`, `tests` and autoApprovers as written."""
-    policy = merged_policy({"grants": []}, EXIT_TAG, RELAY_TAG)
-    policy["tagOwners"] = {tag: [f"{HS_USER}@"] for tag in policy["tagOwners"]}
-    return policy
 
 
 class Tailnet:
@@ -175,23 +157,6 @@ def stack_tailnet(bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         yield net
     finally:
         net.t.close()
-
-
-def guard_script() -> str:
-    """The exit node guard exactly as the rendered cloud-init document carries it."""
-    _, _, script = test_cloud_init.TestServesNothing.guard(yaml.safe_load(test_cloud_init.from_builder()))
-    return script
-
-
-def apply_guard(t: Topology) -> None:
-    t.run("exit", ["sh", "-c", guard_script()])
-
-
-def remove_guard(t: Topology) -> None:
-    """Takes the guard out again, for a test that shares its topology with others."""
-    for ipt in ("iptables", "ip6tables"):
-        for step in (["-D", "INPUT", "-j", "TSE-GUARD"], ["-F", "TSE-GUARD"], ["-X", "TSE-GUARD"]):
-            t.run("exit", [ipt, "-w", "-t", "mangle", *step], check=False)
 
 
 def hs_policy_check(t: Topology, policy: dict[str, Any]) -> tuple[int, str]:

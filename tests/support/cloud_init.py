@@ -13,6 +13,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.support.tools import executable
 
@@ -72,3 +73,24 @@ def shellcheck(script: Path) -> Result:
     path = executable("shellcheck", APT_INSTALL)
     done = _run([str(path), "--severity=style", "--format=gcc", str(script)])
     return Result(done.returncode == 0, done.stdout + done.stderr)
+
+
+def written_files(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A cloud-config's `write_files`, by path."""
+    return {f["path"]: f for f in doc.get("write_files") or []}
+
+
+def tailnet_input_guard(doc: dict[str, Any]) -> tuple[str, str, str]:
+    """(unit name, unit text, script text) of the exit node's unit whose script
+    drops what comes in from the tailnet: the guard, as the document carries it."""
+    written = written_files(doc)
+    found = []
+    for path, entry in written.items():
+        if not (path.startswith("/etc/systemd/system/") and path.endswith(".service")):
+            continue
+        for line in entry["content"].splitlines():
+            target = line.split("=", 1)[1].strip() if line.startswith("ExecStart=") else ""
+            if target in written and "-i tailscale0 -j DROP" in written[target]["content"]:
+                found.append((Path(path).name, entry["content"], written[target]["content"]))
+    assert len(found) == 1, "no single unit runs the tailnet input guard"
+    return found[0]

@@ -54,6 +54,7 @@ import requests
 import urllib3
 import yaml
 
+from tests.datapath.stack_tailnet import EXIT_TAG, LAPTOP_LINK, RELAY_TAG, apply_guard, stack_policy_for_headscale
 from tests.datapath.topology import (
     ECHO_NAME,
     EXIT_PUBLIC_IP,
@@ -85,9 +86,6 @@ HOST_API = ("127.0.0.1", 16443)  # the forwarder on the host
 CGROUP_ROOT = "tse-cluster"  # kubelet's cgroupRoot, in every v1 hierarchy
 INTERNET_IP = LINKS["internet"][1]
 LAN_IP = LINKS["lan"][1]
-# The stack's default tags (config.TailnetConfig), which the tailnet policy speaks of.
-EXIT_TAG = "tag:egress-exit"
-RELAY_TAG = "tag:egress-relay"
 LAPTOP_ROLE = "laptop"  # a member's device on the tailnet (--tailnet)
 LAPTOP_SERVICE_PORT = 8022  # an HTTP server at its tailnet address
 
@@ -1036,8 +1034,6 @@ oom_score = 0
         # tailnet policy the stack writes, in Headscale's terms, and the exit
         # node's cloud-init guard. Without them, the relay reaches the exit
         # node's own services and every other device of the tailnet.
-        from tests.datapath.test_tailnet_reach import LAPTOP_LINK, apply_guard, stack_policy_for_headscale
-
         topo.hs_policy_path = topo.workdir / "policy.hujson"
         topo.hs_policy_path.write_text(json.dumps(stack_policy_for_headscale(), indent=2))
         self.state.pids["headscale"] = topo.start_control().pid

@@ -28,6 +28,7 @@ from typing import Any
 from pulumi import automation as auto
 
 from builders.proxy_env import PROXY_CONFIGMAP
+from tests.datapath.stack_tailnet import RELAY_TAG
 from tests.datapath.topology import EXIT_PUBLIC_IP, LAN_IP, ROUTER
 from tests.stacks import RELAY_AUTH_KEY, cluster_only_config_on, with_config
 from tests.support.apiserver import bin_dir
@@ -50,7 +51,7 @@ RELAY_NS = "tailscale-egress"
 PROTECTED = "e2e-app"  # exists before the stack, labelled in place
 PROTECTED_LABELS = {"team": "e2e"}
 OPEN = "e2e-open"  # not protected: the control pod, the server pod
-RELAY_TAG = "tag:egress-relay"
+
 UDP_PORT = 5599  # the UDP echo servers this module starts in the topology
 SERVER_PORT = 8080  # the server pod's TCP port (busybox httpd), and its NodePort
 NODE_PORT = 30080
