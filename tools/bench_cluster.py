@@ -68,6 +68,7 @@ from tests.support.cluster_env import (  # noqa: E402
     Cluster,
     ClusterError,
     build_all,
+    machine_lock,
     missing_artifacts,
     missing_prerequisites,
 )
@@ -607,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     load_start = loadavg()
     timings: dict[str, float] = {}
-    with a_cluster(not a.no_build) as cluster, contextlib.ExitStack() as cleanup:
+    with machine_lock(), a_cluster(not a.no_build) as cluster, contextlib.ExitStack() as cleanup:
         timings["cluster ready"] = round(time.monotonic() - t0, 1)
         d = deploy(cluster, cleanup, stack_name="bench")
         wait("the relay pod Ready", d.relay_ready, 120)

@@ -45,6 +45,7 @@ from tests.support.cluster_env import (
     Cluster,
     ClusterError,
     build_all,
+    machine_lock,
     missing_artifacts,
     missing_prerequisites,
 )
@@ -150,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     urllib3.disable_warnings()
     try:
-        return up() if a.command == "up" else down()
+        with machine_lock():
+            return up() if a.command == "up" else down()
     except DemoError as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2

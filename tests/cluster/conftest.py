@@ -13,44 +13,20 @@ down the cluster under it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import urllib3
 
-from tests.support.cluster_env import Cluster, ClusterError, build_all, missing_artifacts, missing_prerequisites
-
-MACHINE_LOCK = (Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")) / "tailscale-egress-cluster.lock"
-LOCK_WAIT = 3600.0  # s: longer than a whole cluster run
-
-
-@contextlib.contextmanager
-def machine_lock() -> Iterator[None]:
-    with MACHINE_LOCK.open("a") as f:
-        deadline = time.monotonic() + LOCK_WAIT
-        told = False
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"another run held {MACHINE_LOCK} for {LOCK_WAIT:.0f} s (see `fuser {MACHINE_LOCK}`)")
-                if not told:
-                    print(f"\nwaiting for another run's cluster to finish ({MACHINE_LOCK})", file=sys.stderr)
-                    told = True
-                time.sleep(2)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
+from tests.support.cluster_env import (
+    Cluster,
+    ClusterError,
+    build_all,
+    machine_lock,
+    missing_artifacts,
+    missing_prerequisites,
+)
 
 # Whether this run started the cluster (then it may also tear it down early:
 # the demo test does, as `make demo-down` does).
@@ -74,8 +50,11 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     if missing:
         _unavailable("; ".join(missing) + " (make cluster-up shows how)")
     urllib3.disable_warnings()
-    with machine_lock():
-        yield from _cluster(request)
+    try:
+        with machine_lock():
+            yield from _cluster(request)
+    except ClusterError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 def _cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:

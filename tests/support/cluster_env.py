@@ -36,6 +36,7 @@ import argparse
 import base64
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -111,6 +112,45 @@ TOOLS = ("ip", "iptables", "ipset", "conntrack", "nsenter", "unshare", "openssl"
 
 class ClusterError(RuntimeError):
     pass
+
+
+# The cluster is one per machine (fixed network namespaces, ports and mount
+# points): whatever starts, uses or stops it for a bounded time (a test run,
+# the bench, demo up/down) holds this lock, so a second one waits instead of
+# tearing the cluster down under the first.
+MACHINE_LOCK = (Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")) / "tailscale-egress-cluster.lock"
+
+
+LOCK_HELD_ENV = "TS_EGRESS_CLUSTER_LOCK_HELD"  # set while held: the holder's child processes have it too
+
+
+@contextlib.contextmanager
+def machine_lock(wait: float = 3600.0) -> Iterator[None]:
+    if os.environ.get(LOCK_HELD_ENV) == "1":  # a parent holds it for us (e.g. the test that runs `make demo`)
+        yield
+        return
+    with MACHINE_LOCK.open("a") as f:
+        deadline = time.monotonic() + wait
+        told = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"another run held {MACHINE_LOCK} for {wait:.0f} s (`fuser {MACHINE_LOCK}` names it)"
+                    ) from None
+                if not told:
+                    print(f"waiting for another run's cluster to finish ({MACHINE_LOCK})", file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(2)
+        os.environ[LOCK_HELD_ENV] = "1"
+        try:
+            yield
+        finally:
+            del os.environ[LOCK_HELD_ENV]
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def missing_prerequisites() -> list[str]:
