@@ -128,7 +128,9 @@ bench-cluster: venv datapath-bins engine-bins ## benchmark the relay pod in the 
 # the cluster and the topology, `pulumi up` through the real engine, then
 # make verify's table. It stays up until demo-down.
 .PHONY: demo demo-down
-demo: venv engine-bins ## try it with no account: cluster, headscale, exit node, pulumi up, verify (Linux, root)
+demo: venv ## try it with no account: cluster, headscale, exit node, pulumi up, verify (Linux, root)
+	$(PY) tools/demo.py check
+	$(MAKE) engine-bins
 	bash scripts/install-test-tools.sh --cluster
 	$(PY) tools/demo.py up
 

@@ -147,10 +147,13 @@ def down() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=("up", "down"))
+    ap.add_argument("command", choices=("check", "up", "down"), help="check: only whether this machine can run it")
     a = ap.parse_args(argv)
     urllib3.disable_warnings()
     try:
+        if a.command == "check":
+            check_machine()
+            return 0
         with machine_lock():
             return up() if a.command == "up" else down()
     except DemoError as e:
