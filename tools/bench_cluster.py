@@ -84,6 +84,7 @@ from tests.support.deployment import (  # noqa: E402
     deploy,
     kubectl,
     running_pod,
+    stop_process,
     wait,
 )
 
@@ -353,21 +354,12 @@ def start_server(cluster: Cluster, cleanup: contextlib.ExitStack) -> subprocess.
          f"{INTERNET_IP}:{SERVER_PORT}", "-cert", str(topo / "internet.crt"), "-key", str(topo / "internet.key")],
         stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
     )  # fmt: skip
-    cleanup.callback(stop, p)
+    cleanup.callback(stop_process, p)
     assert p.stdout is not None
     line = p.stdout.readline()
     if '"ok":true' not in line:
         raise BenchError(f"probe serve did not start: {line!r} (log {BUILD / 'logs' / 'bench-server.log'})")
     return p
-
-
-def stop(p: subprocess.Popen[str]) -> None:
-    p.terminate()
-    try:
-        p.wait(5)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(5)
 
 
 def set_up_clients(d: Deployment, cleanup: contextlib.ExitStack, kernel: bool) -> None:

@@ -445,7 +445,7 @@ def destroy_quietly(stack: auto.Stack) -> None:
         print("".join(output[-40:]) + f"\n{err}", file=sys.stderr)
 
 
-def stop_process(p: subprocess.Popen[bytes]) -> None:
+def stop_process(p: subprocess.Popen[Any]) -> None:
     p.terminate()
     try:
         p.wait(5)
