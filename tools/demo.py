@@ -135,8 +135,7 @@ def up() -> int:
 
 
 def down() -> int:
-    if sys.platform == "linux":
-        check_machine()
+    check_machine()
     cluster = Cluster()
     cluster.down()
     STATE.unlink(missing_ok=True)
