@@ -1075,7 +1075,9 @@ oom_score = 0
         # node's cloud-init guard. Without them, the relay reaches the exit
         # node's own services and every other device of the tailnet.
         topo.hs_policy_path = topo.workdir / "policy.hujson"
-        topo.hs_policy_path.write_text(json.dumps(stack_policy_for_headscale(), indent=2))
+        # No autoApprovers: the BYO exit node of a cluster-only stack is approved
+        # explicitly (start_exit), and the fail-closed test unapproves it.
+        topo.hs_policy_path.write_text(json.dumps(stack_policy_for_headscale(auto_approve=False), indent=2))
         self.state.pids["headscale"] = topo.start_control().pid
         # Tagged, as the stack's exit node key is: the policy's `via` names the tag.
         topo.exit_authkey = topo.tagged_preauth_key([EXIT_TAG], ephemeral=True, reusable=False)
