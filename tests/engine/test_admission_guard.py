@@ -70,6 +70,12 @@ def _kubectl_path() -> str:
     return found
 
 
+def _preflight_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The program's preflight as `pulumi preview` runs it: online, with the suite's kubectl first on PATH."""
+    monkeypatch.setenv(OFFLINE_ENV, "0")
+    monkeypatch.setenv("PATH", f"{Path(_kubectl_path()).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 def kubectl(context: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [_kubectl_path(), "--kubeconfig", str(_SESSION["kubeconfig"]), "--context", context, *args],
@@ -373,8 +379,7 @@ class TestPoliciesWrittenBeforeTheGuard:
         ok(kubectl(ADMIN, "create", "namespace", namespace))
         try:
             ok(kubectl(ADMIN, "create", "-f", "-", stdin=as_yaml(network_policy("chart", namespace, egress=[{}]))))
-            monkeypatch.setenv(OFFLINE_ENV, "0")
-            monkeypatch.setenv("PATH", f"{Path(_kubectl_path()).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+            _preflight_online(monkeypatch)
             cluster = ClusterConfig(
                 context=ADMIN,
                 kubeconfig=str(_SESSION["kubeconfig"]),
@@ -420,7 +425,7 @@ class TestPoliciesWrittenBeforeTheGuard:
 def _program_preflight(stack: Stack, context: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Evaluation:
     """__main__.py under the mock engine with its preflight online against the
     suite's API server, protecting the existing `namespace`."""
-    monkeypatch.setenv("PATH", f"{Path(_kubectl_path()).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    _preflight_online(monkeypatch)
     config = with_config(
         cluster_only_config(stack.relay),
         "cluster",
@@ -436,8 +441,7 @@ class TestTheDeployer:
     def test_is_the_user_the_api_server_names_for_the_kubeconfig(
         self, stack: Stack, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setenv(OFFLINE_ENV, "0")
-        monkeypatch.setenv("PATH", f"{Path(_kubectl_path()).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        _preflight_online(monkeypatch)
         assert deployer_username(ClusterConfig(context=ADMIN, kubeconfig=str(_SESSION["kubeconfig"]))) == stack.deployer
         assert deployer_username(ClusterConfig(context=ALICE, kubeconfig=str(_SESSION["kubeconfig"]))) == "alice"
 
