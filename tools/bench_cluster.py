@@ -59,12 +59,11 @@ from builders.relay import (  # noqa: E402
     relay_container,
 )
 from tests.datapath.topology import ECHO_NAME, EXIT_PUBLIC_IP  # noqa: E402
+from tests.support.cgroups import Cgroup, CgroupError, pod_cgroup  # noqa: E402
 from tests.support.cluster_env import (  # noqa: E402
     BUILD,
-    CGROUP_ROOT,
     INTERNET_IP,
     PROBE_IMAGE,
-    Api,
     Cluster,
     ClusterError,
     build_all,
@@ -98,7 +97,6 @@ DIRECT_POD = "bench-direct"
 KRELAY = "bench-krelay"
 KRELAY_SECRET = "bench-krelay-key"
 RESULTS = REPO / "build" / "bench-cluster.json"
-CGROUPS = Path("/sys/fs/cgroup")
 MiB = 1 << 20
 
 
@@ -153,71 +151,7 @@ def probe(route: Route, *args: str, timeout: float = 180) -> dict[str, Any]:
     return result
 
 
-# ---------------------------------------------------------------- cgroups and processes
-@dataclass(frozen=True)
-class Cgroup:
-    """A container's (or pod's) cgroup v1 directories, as the kubelet (cgroupfs driver) made them."""
-
-    memory: Path
-    cpuacct: Path
-    cpu: Path
-
-    @staticmethod
-    def find(name: str) -> Cgroup:
-        dirs = []
-        for h in ("memory", "cpuacct", "cpu"):
-            found = sorted((CGROUPS / h / CGROUP_ROOT).rglob(name))
-            if not found:
-                raise BenchError(f"no cgroup {name} under {CGROUPS / h / CGROUP_ROOT}")
-            dirs.append(found[0])
-        return Cgroup(*dirs)
-
-    def _int(self, d: Path, name: str) -> int:
-        return int((d / name).read_text().split()[0])
-
-    def _stat(self, d: Path, name: str) -> dict[str, int]:
-        return {k: int(v) for k, v in (ln.split() for ln in (d / name).read_text().splitlines())}
-
-    def working_set(self) -> int:
-        """usage minus inactive file pages: the kubelet's working set."""
-        usage = self._int(self.memory, "memory.usage_in_bytes")
-        return max(0, usage - self._stat(self.memory, "memory.stat").get("total_inactive_file", 0))
-
-    def rss(self) -> int:
-        return self._stat(self.memory, "memory.stat").get("total_rss", 0)
-
-    def peak(self) -> int:
-        return self._int(self.memory, "memory.max_usage_in_bytes")
-
-    def reset_peak(self) -> None:
-        (self.memory / "memory.max_usage_in_bytes").write_text("0")
-
-    def limit(self) -> int:
-        return self._int(self.memory, "memory.limit_in_bytes")
-
-    def cpu_seconds(self) -> float:
-        return self._int(self.cpuacct, "cpuacct.usage") / 1e9
-
-    def throttled_seconds(self) -> float:
-        return self._stat(self.cpu, "cpu.stat").get("throttled_time", 0) / 1e9
-
-    def pid(self) -> int:
-        """A process of it: the way into its network namespace (/proc/<pid>/net)."""
-        return int((self.memory / "cgroup.procs").read_text().split()[0])
-
-
-def pod_cgroup(api: Api, ns: str, name: str, container: str | None = None) -> Cgroup:
-    pod = api.get("v1", "Pod", name, ns)
-    if pod is None:
-        raise BenchError(f"no pod {ns}/{name}")
-    if container is None:
-        return Cgroup.find(f"pod{pod['metadata']['uid']}")
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if cs["name"] == container and cs.get("containerID"):
-            return Cgroup.find(cs["containerID"].split("://", 1)[1])
-    raise BenchError(f"no running container {container} in {ns}/{name}")
-
-
+# ---------------------------------------------------------------- processes
 def snmp(pid: int, counter: str) -> int:
     """A counter of /proc/<pid>/net/snmp (the process's network namespace), e.g. "Tcp RetransSegs"."""
     proto, name = counter.split()
@@ -257,7 +191,7 @@ class Meters:
     def cpu_now(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for k, read in self.cpu.items():
-            with contextlib.suppress(OSError, KeyError, BenchError):
+            with contextlib.suppress(OSError, KeyError, CgroupError):
                 out[k] = read()
         return out
 
@@ -735,6 +669,6 @@ def measure_with_clients(
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (BenchError, ClusterError, DeployError) as e:
+    except (BenchError, CgroupError, ClusterError, DeployError) as e:
         print(f"bench-cluster: {e}", file=sys.stderr)
         sys.exit(1)
