@@ -25,9 +25,18 @@ from typing import Any
 
 import pytest
 
-from builders.relay import HEALTH_PORT, HTTP_PROXY_PORT, SOCKS5_PORT
+from builders.relay import (
+    HEALTH_PORT,
+    HTTP_PROXY_PORT,
+    RELAY_CONTAINER,
+    RELAY_CPU_LIMIT,
+    RELAY_GOGC,
+    RELAY_MEMORY_REQUEST,
+    SOCKS5_PORT,
+)
 from tests.datapath.topology import ECHO_NAME, EXIT_PUBLIC_IP, LAN_IP
 from tests.stacks import RELAY_AUTH_KEY, with_config
+from tests.support.cgroups import environment, pod_cgroup
 from tests.support.cluster_env import (
     API_SERVICE_IP,
     BUILD,
@@ -105,6 +114,21 @@ def test_relay_pod_is_ready_with_its_exit_node_online(e2e: Deployment) -> None:
     assert exit_node is not None and exit_node.get("online"), exit_node
     relays = e2e.tailnet.relay_nodes()
     assert len(relays) == 1 and relays[0].get("online"), relays
+
+
+def test_the_relays_tailscaled_runs_with_the_limits_of_its_manifest(e2e: Deployment) -> None:
+    # What the kubelet set and what tailscaled (started by containerboot) got:
+    # GOMAXPROCS follows the CPU quota, GOMEMLIMIT the downward API's bytes.
+    wait("the relay pod Ready", e2e.relay_ready, 120)
+    (relay,) = e2e.relay_pods()
+    cgroup = pod_cgroup(e2e.api, RELAY_NS, relay["metadata"]["name"], RELAY_CONTAINER)
+    assert cgroup.cpu_limit() == float(RELAY_CPU_LIMIT)
+    assert cgroup.limit() == 256 << 20
+    # Only these two: the environment also holds the auth key, kept out of the report.
+    env = environment(cgroup.process("tailscaled"))
+    memory_limit, gc_target = env.get("GOMEMLIMIT"), env.get("GOGC")
+    assert memory_limit == str(int(RELAY_MEMORY_REQUEST.removesuffix("Mi")) << 20)
+    assert gc_target == RELAY_GOGC
 
 
 @pytest.mark.parametrize(
