@@ -11,7 +11,10 @@ evaluation (timed inside the inline program) and the rest (CLI and plugin
 start, the engine, API calls, await). A preview of 20 independent ConfigMaps
 (as many Kubernetes objects as the 1-namespace stack, with no dependency and
 no program work) gives the engine's cost per object, and so the floor of any
-program that creates that many objects.
+program that creates that many objects. It also counts the debug-log RPCs
+that Pulumi's Python SDK sends the engine, synchronously on the program's
+one thread, for every resource it registers (by wrapping the SDK's
+`pulumi.log._log`), and the time they take.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pulumi
+import pulumi.log
 import pulumi_kubernetes as k8s
 
 from tests.stacks import RELAY_AUTH_KEY, cluster_only_config_on
@@ -72,6 +76,40 @@ class Timed:
         self.seconds.append(time.perf_counter() - start)
 
 
+class SdkLogMeter:
+    """Counts the SDK's log RPCs to the engine and the time spent in them.
+
+    `pulumi.log._log` is private: without it the figures read nan and the
+    bench still runs."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.seconds = 0.0
+        self._send: Callable[..., None] | None = getattr(pulumi.log, "_log", None)
+        if self._send is not None:
+            pulumi.log._log = self._timed
+
+    def _timed(self, *args: Any) -> None:
+        assert self._send is not None
+        start = time.perf_counter()
+        try:
+            self._send(*args)
+        finally:
+            self.calls += 1
+            self.seconds += time.perf_counter() - start
+
+    def take(self) -> tuple[float, float]:
+        """(calls, seconds) since the last take; nan when the SDK changed."""
+        if self._send is None:
+            return float("nan"), float("nan")
+        taken = float(self.calls), self.seconds
+        self.calls, self.seconds = 0, 0.0
+        return taken
+
+
+SDK_LOG = SdkLogMeter()
+
+
 class Case:
     """One stack and its program, with the times measured."""
 
@@ -83,13 +121,16 @@ class Case:
         secret = (RELAY_AUTH_KEY,) if RELAY_AUTH_KEY in stack_config else ()
         self.stack = engine.stack(name, stack_config, secret_keys=secret)
         self.previews: list[float] = []
+        self.log_rpcs: list[tuple[float, float]] = []
         self.resources = 0
 
     def preview(self, timed: bool = True) -> None:
+        SDK_LOG.take()
         start = time.perf_counter()
         result = self.stack.preview(color="never", program=self.timed)
         if timed:
             self.previews.append(time.perf_counter() - start)
+            self.log_rpcs.append(SDK_LOG.take())
         else:
             self.timed.seconds.clear()
         self.resources = sum((result.change_summary or {}).values())
@@ -111,6 +152,8 @@ class Case:
             "up_eval": statistics.median(self.timed.seconds) if ups else float("nan"),
             "resources": self.resources,
             "previews": self.previews,
+            "log_rpcs": statistics.median(n for n, _ in self.log_rpcs),
+            "log_seconds": statistics.median(t for _, t in self.log_rpcs),
         }
 
 
@@ -134,10 +177,11 @@ def main() -> int:
         results = {name: case.result() for name, case in cases.items()}
     print(f"load average during the previews {' '.join(f'{x:.2f}' for x in load)}, on {os.cpu_count()} cores")
     print(f"medians of {PREVIEW_RUNS} previews and {RUNS} ups (seconds)")
-    print(f"{'case':<16}{'resources':>10}{'preview':>9}{'(program)':>11}{'up':>9}{'(program)':>11}")
+    print(f"{'case':<16}{'resources':>10}{'preview':>9}{'(program)':>11}{'(SDK logs)':>18}{'up':>9}{'(program)':>11}")
     for name, r in results.items():
+        logs = f"{r['log_rpcs']:.0f} in {r['log_seconds']:.2f}"
         print(
-            f"{name:<16}{r['resources']:>10}{r['preview']:>9.2f}{r['preview_eval']:>11.2f}"
+            f"{name:<16}{r['resources']:>10}{r['preview']:>9.2f}{r['preview_eval']:>11.2f}{logs:>18}"
             f"{r['up']:>9.2f}{r['up_eval']:>11.2f}"
         )
     for name, r in results.items():
@@ -151,6 +195,11 @@ def main() -> int:
         f"preview of 1 namespace: {fixed:.2f} s engine and plugin start (the one-ConfigMap preview),"
         f" {single['preview_eval']:.2f} s the program itself,"
         f" {single['preview'] - single['preview_eval'] - fixed:.2f} s the rest (checks and diffs per resource)"
+    )
+    print(
+        f"the SDK's debug-log RPCs to the engine, synchronous on the program's thread: {single['log_rpcs']:.0f}"
+        f" per preview of 1 namespace ({single['log_seconds']:.2f} s), {one['log_rpcs']:.0f} of one ConfigMap"
+        f" ({one['log_seconds']:.2f} s)"
     )
     per_object = (many["preview"] - one["preview"]) / 19
     print(
