@@ -54,6 +54,7 @@ from builders.relay import (  # noqa: E402
     AUTH_SECRET_KEY,
     HTTP_PROXY_PORT,
     RELAY_CONTAINER,
+    SOCKET,
     SOCKS5_PORT,
     RelaySettings,
     relay_container,
@@ -82,10 +83,12 @@ from tests.support.deployment import (  # noqa: E402
     Deployment,
     deploy,
     kubectl,
+    kubectl_command,
     running_pod,
     stop_process,
     wait,
 )
+from tools import cpu_profile  # noqa: E402
 
 RUNS = 3
 CONCURRENCY = (1, 10, 100)
@@ -97,6 +100,10 @@ DIRECT_POD = "bench-direct"
 KRELAY = "bench-krelay"
 KRELAY_SECRET = "bench-krelay-key"
 RESULTS = REPO / "build" / "bench-cluster.json"
+PROFILES = REPO / "build" / "bench-cluster-profiles"
+PROFILE_SECONDS = 5
+# Each relay profiled while its HTTP CONNECT proxy carries one download.
+PROFILED = {"userspace": "userspace CONNECT", "kernel": "kernel CONNECT"}
 MiB = 1 << 20
 
 
@@ -351,6 +358,56 @@ def cell(route: Route, kind: str, clients: int, meters: Meters) -> dict[str, Any
     return {"route": route.name, "relay": route.relay, "kind": kind, "clients": clients, **res}
 
 
+# ---------------------------------------------------------------- where each relay's CPU goes
+def profile_relay(route: Route, pod: tuple[str, str], mbit_s: float, seconds: int) -> Path:
+    """tailscaled's CPU profile (from its LocalAPI) while one client downloads through
+    the route, sized from the measured rate to outlast the profile."""
+    size = int(mbit_s * 1e6 / 8 * (seconds + 4))
+    errors: list[BaseException] = []
+
+    def download() -> None:
+        try:
+            probe(route, "load", f"{route.base}/bytes/{size}", "-cacert", "/ca/ca.crt", "-clients", "1",
+                  "-bytes", str(size), "-requests", "1", "-timeout", "150s")  # fmt: skip
+        except (BenchError, subprocess.TimeoutExpired) as e:
+            errors.append(e)
+
+    load = threading.Thread(target=download)
+    load.start()
+    time.sleep(1.5)  # past the handshakes and slow start
+    ns, name = pod
+    done = subprocess.run(
+        kubectl_command("exec", "-n", ns, name, "-c", RELAY_CONTAINER, "--", "tailscale", f"--socket={SOCKET}",
+                        "debug", "--cpu-profile=-", f"--profile-seconds={seconds}"),
+        capture_output=True, timeout=seconds + 60, check=False,
+    )  # fmt: skip
+    load.join()
+    if done.returncode != 0 or not done.stdout:
+        raise BenchError(f"profiling {ns}/{name} failed: {done.stderr.decode(errors='replace').strip()}")
+    if errors:
+        raise BenchError(f"the download through {route.name} failed while profiling: {errors[0]}")
+    PROFILES.mkdir(parents=True, exist_ok=True)
+    out = PROFILES / f"{route.relay}.pprof"
+    out.write_bytes(done.stdout)
+    return out
+
+
+def profile_relays(
+    s: Summary, chosen: Sequence[Route], pods: dict[str, tuple[str, str]], clients: int, seconds: int
+) -> dict[str, dict[str, float]]:
+    """CPU seconds by component of each relay whose CONNECT path was measured
+    (the download sized from that path's rate with `clients` clients)."""
+    out: dict[str, dict[str, float]] = {}
+    for relay, name in PROFILED.items():
+        route = next((r for r in chosen if r.name == name), None)
+        if route is None:
+            continue
+        path = profile_relay(route, pods[relay], s.metric(name, "download", clients, "mbit_s"), seconds)
+        out[relay] = cpu_profile.by_component(cpu_profile.read(path))
+        print(f"  {relay} relay profiled: {path}", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------- the report
 def med(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
@@ -519,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--paths", default=",".join(DEFAULT_ROUTES), help=f"of: {', '.join(names)}")
     ap.add_argument("--no-build", action="store_true", help="do not run the build scripts")
     ap.add_argument("--report", type=Path, help="print the report of a results file again, measure nothing")
+    ap.add_argument("--profile-seconds", type=int, default=PROFILE_SECONDS,
+                    help="length of each relay's CPU profile under one download (0: none)")  # fmt: skip
     a = ap.parse_args(argv)
     if a.report:
         report(json.loads(a.report.read_text()))
@@ -590,6 +649,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings["measuring"] = round(time.monotonic() - t, 1)
         peaks = {k: cg.peak() for k, cg in memory.items()}
         rss = {k: cg.rss() for k, cg in memory.items()}
+        profiles: dict[str, dict[str, float]] = {}
+        if a.profile_seconds > 0:
+            t = time.monotonic()
+            pods = {"userspace": (RELAY_NS, relay_pod), "kernel": (OPEN, KRELAY)}
+            profiles = profile_relays(Summary(cells), chosen, pods, concurrency[0], a.profile_seconds)
+            timings["profiling"] = round(time.monotonic() - t, 1)
         t = time.monotonic()
     timings["teardown"] = round(time.monotonic() - t, 1)
     timings["total"] = round(time.monotonic() - t0, 1)
@@ -600,6 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load": {"start": load_start, "end": load_end, "cpus": os.cpu_count()}, "memory": {
             "idle": idle, "working_set_peak": {k: max(v.values(), default=0) for k, v in meters.peak_ws.items()},
             "cgroup_peak": peaks, "rss_end": rss, "limit": limits, "working_set_by_cell": meters.peak_ws},
+        "profiles": {"seconds": a.profile_seconds, "by_component": profiles},
     }  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
@@ -637,6 +703,13 @@ def report(data: dict[str, Any]) -> None:
     )
     for line in dominates(s, set(wanted), concurrency):
         print(f"  {line}")
+    profiles = data.get("profiles", {})
+    if profiles.get("by_component"):
+        print(f"\nwhat each relay's tailscaled spends its CPU on, from its own CPU profile ({profiles['seconds']} s"
+              " during one download through its HTTP CONNECT proxy; the kernel's TCP/IP work is not in a Go"
+              " profile):")  # fmt: skip
+        for relay, totals in profiles["by_component"].items():
+            print(f"  {relay:9} {cpu_profile.shares(totals)}")
     print("\ntimings (s): " + ", ".join(f"{k} {v}" for k, v in data["timings"].items()))
 
 
@@ -669,6 +742,6 @@ def measure_with_clients(
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (BenchError, CgroupError, ClusterError, DeployError) as e:
+    except (BenchError, CgroupError, ClusterError, DeployError, cpu_profile.ProfileError) as e:
         print(f"bench-cluster: {e}", file=sys.stderr)
         sys.exit(1)

@@ -193,11 +193,13 @@ def wait(what: str, pred: Callable[[], Any], timeout: float, interval: float = 1
 
 
 # ---------------------------------------------------------------- pods
+def kubectl_command(*args: str) -> list[str]:
+    """kubectl with the cluster's kubeconfig and context."""
+    return [str(bin_dir() / "kubectl"), "--kubeconfig", str(BUILD / "kubeconfig"), "--context", CONTEXT, *args]
+
+
 def kubectl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(bin_dir() / "kubectl"), "--kubeconfig", str(BUILD / "kubeconfig"), "--context", CONTEXT, *args],
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+    return subprocess.run(kubectl_command(*args), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def pod(

@@ -1,0 +1,100 @@
+"""What `make bench-cluster` says about where the relay's CPU goes.
+
+The input is `go tool pprof -traces` output in the form it prints for
+tailscaled (stacks taken from a profile of the relay under load).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tools import cpu_profile
+
+TRACES = """\
+File: tailscaled
+Type: cpu
+Duration: 5.01s, Total samples = 4.86s (96.98%)
+-----------+-------------------------------------------------------
+     110ms   runtime.memmove
+             bytes.Clone (inline)
+             tailscale.com/wgengine/netstack/gro.RXChecksumOffload
+             tailscale.com/wgengine/netstack.(*Impl).injectInbound
+             tailscale.com/net/tstun.(*Wrapper).Write
+             github.com/tailscale/wireguard-go/device.(*Peer).RoutineSequentialReceiver
+-----------+-------------------------------------------------------
+      20ms   runtime.findObject
+             runtime.wbBufFlush1
+             gcWriteBarrier
+             tailscale.com/wgengine/magicsock.(*Conn).getReceiveBatchForBuffs
+             github.com/tailscale/wireguard-go/device.(*Device).RoutineReceiveIncoming
+-----------+-------------------------------------------------------
+     1.2s    golang.org/x/crypto/chacha20poly1305.chacha20Poly1305Open
+             github.com/tailscale/wireguard-go/device.(*Device).RoutineDecryption
+-----------+-------------------------------------------------------
+      30ms   internal/runtime/gc/scan.ScanSpanPacked (inline)
+             runtime.gcDrain
+             runtime.gcBgMarkWorker.func2
+-----------+-------------------------------------------------------
+      40ms   runtime.memclrNoHeapPointers
+             runtime.mallocgc
+             runtime.gcAssistAlloc
+             github.com/tailscale/wireguard-go/device.(*Device).PopulatePools.func3
+-----------+-------------------------------------------------------
+      10ms   internal/runtime/syscall/linux.Syscall6
+             syscall.write
+             github.com/tailscale/wireguard-go/tun.(*NativeTun).Write
+             tailscale.com/net/tstun.(*Wrapper).Write
+             github.com/tailscale/wireguard-go/device.(*Peer).RoutineSequentialReceiver
+-----------+-------------------------------------------------------
+     500us   runtime.futex
+             runtime.findRunnable
+             runtime.schedule
+-----------+-------------------------------------------------------
+      10ms   runtime.memmove
+             io.copyBuffer
+             io.Copy
+             tailscale.com/cmd/tailscaled.httpProxyHandler.func1
+-----------+-------------------------------------------------------
+      10ms   main.somethingElse
+"""
+
+
+def samples() -> list[cpu_profile.Sample]:
+    return cpu_profile.parse_traces(TRACES)
+
+
+def test_each_sampled_stack_is_read_with_its_cpu_time_leaf_first() -> None:
+    got = samples()
+    assert [round(s.seconds, 4) for s in got] == [0.11, 0.02, 1.2, 0.03, 0.04, 0.01, 0.0005, 0.01, 0.01]
+    assert got[0].frames[:2] == ("runtime.memmove", "bytes.Clone")  # " (inline)" is not part of the name
+    assert got[0].frames[-1] == "github.com/tailscale/wireguard-go/device.(*Peer).RoutineSequentialReceiver"
+
+
+@pytest.mark.parametrize(
+    ("index", "expected"),
+    [
+        # A copy made by netstack's GRO is netstack's, though WireGuard called it.
+        (0, "netstack TCP/IP (gVisor and its glue)"),
+        # Runtime work with no collector in the stack belongs to who caused it.
+        (1, "WireGuard and UDP (magicsock)"),
+        (2, "ChaCha20-Poly1305"),
+        (3, cpu_profile.GARBAGE_COLLECTION),
+        # An allocation that had to assist the collector is the collector's cost.
+        (4, cpu_profile.GARBAGE_COLLECTION),
+        # Kernel mode: the write to the TUN device, not WireGuard's.
+        (5, "TUN device and packet filter"),
+        (6, cpu_profile.SCHEDULER),
+        (7, "proxies (HTTP CONNECT, SOCKS5)"),
+        (8, cpu_profile.OTHER),
+    ],
+)
+def test_a_stack_is_charged_to_the_component_nearest_its_leaf(index: int, expected: str) -> None:
+    assert cpu_profile.component(samples()[index].frames) == expected
+
+
+def test_the_totals_add_up_and_the_largest_comes_first() -> None:
+    totals = cpu_profile.by_component(samples())
+    assert next(iter(totals)) == "ChaCha20-Poly1305"
+    assert totals[cpu_profile.GARBAGE_COLLECTION] == pytest.approx(0.07)
+    assert sum(totals.values()) == pytest.approx(sum(s.seconds for s in samples()))
+    assert cpu_profile.shares(totals).startswith("ChaCha20-Poly1305 84% (1.20 s), netstack")
