@@ -219,7 +219,7 @@ class TestRelay:
         assert ref == {"containerName": container["name"], "resource": "requests.memory"}
         # In bytes (no divisor), as Go reads it; below the limit, which stays the hard stop.
         memory = container["resources"]
-        assert memory["requests"]["memory"] == "96Mi" and memory["limits"]["memory"] == "256Mi"
+        assert memory["requests"]["memory"] == "128Mi" and memory["limits"]["memory"] == "256Mi"
 
     def test_has_cpu_and_memory_requests_and_limits(self, evaluation: Evaluation) -> None:
         for c in containers(relay(evaluation)["spec"]["template"]["spec"]):
