@@ -25,7 +25,10 @@ interleaved within a run; figures are medians over runs, ratios and added
 latency taken within a run. The relay container's memory (cgroup v1 peak,
 working set sampled every 0.2 s) against its limit, and the CPU time of the
 relay, the exit node, the server and the client per cell, which says what
-dominates. Results also go to build/bench-cluster.json.
+dominates; then each relay's own CPU profile while one download runs
+through its HTTP CONNECT proxy, by component (tools/cpu_profile.py), which
+says what inside the relay. Results also go to build/bench-cluster.json,
+the profiles to build/bench-cluster-profiles/ (for `go tool pprof`).
 
     sudo .venv/bin/python tools/bench_cluster.py [--runs 3] [--paths ...]
 """
