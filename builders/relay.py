@@ -26,7 +26,7 @@ RELAY_CONTAINER: Final = "tailscale"
 # load. At 96Mi the heap sat at that limit under load and the GC ran back to
 # back (a cycle every 10-20 ms, more than a quarter of the relay's CPU);
 # the heap counts WireGuard's 64 KiB packet buffers whole, so the resident
-# peak stays well below it (make bench-cluster: 91 MiB).
+# peak stays well below it (make bench-cluster: 94 MiB).
 RELAY_MEMORY_REQUEST: Final = "128Mi"
 # Go (1.25 on) sets GOMAXPROCS from the CPU limit: at 1 CPU the relay's
 # WireGuard, netstack and proxy copies take turns on one thread, and the relay
