@@ -120,7 +120,7 @@ test-cluster: venv datapath-bins engine-bins ## the cluster's smoke tests and th
 	$(PY) -m pytest -m cluster tests/cluster -v
 
 .PHONY: bench-cluster
-bench-cluster: venv datapath-bins engine-bins ## benchmark the relay pod in the real cluster: direct, userspace and kernel-mode relay, 1/10/100 clients, its memory, where its CPU goes (about 4 min)
+bench-cluster: venv datapath-bins engine-bins ## benchmark the relay pod in the real cluster: direct, userspace and kernel-mode relay, 1/10/100 clients, its memory, where its CPU goes at each number of clients (about 5 min)
 	bash scripts/install-test-tools.sh --cluster
 	$(PY) tools/bench_cluster.py
 

@@ -25,12 +25,13 @@ interleaved within a run; figures are medians over runs, ratios and added
 latency taken within a run. The relay container's memory (cgroup v1 peak,
 working set sampled every 0.2 s) against its limit, and the CPU time of the
 relay, the exit node, the server and the client per cell, which says what
-dominates; then each relay's own CPU profile while one download runs
-through its HTTP CONNECT proxy, by component (tools/cpu_profile.py), which
-says what inside the relay. Results also go to build/bench-cluster.json,
-the profiles to build/bench-cluster-profiles/ (for `go tool pprof`).
+dominates; then each relay's own CPU profile while downloads run through
+its HTTP CONNECT proxy, at each number of clients, by component
+(tools/cpu_profile.py), which says what inside the relay. Results also go
+to build/bench-cluster.json, the profiles to build/bench-cluster-profiles/
+(for `go tool pprof`).
 
-    sudo .venv/bin/python tools/bench_cluster.py [--runs 3] [--paths ...]
+    sudo .venv/bin/python tools/bench_cluster.py [--runs 5] [--paths ...]
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ from tests.support.deployment import (  # noqa: E402
 )
 from tools import cpu_profile  # noqa: E402
 
-RUNS = 3
+RUNS = 5  # a 64 MiB download lasts under a second here: 3 runs left the ratios swinging by 0.3
 CONCURRENCY = (1, 10, 100)
 DOWNLOAD_BYTES = 64 << 20  # per cell, split across the clients
 REQUESTS = 100  # small requests per cell at least; at least 2 per client
@@ -105,7 +106,7 @@ KRELAY_SECRET = "bench-krelay-key"
 RESULTS = REPO / "build" / "bench-cluster.json"
 PROFILES = REPO / "build" / "bench-cluster-profiles"
 PROFILE_SECONDS = 5
-# Each relay profiled while its HTTP CONNECT proxy carries one download.
+# Each relay profiled while its HTTP CONNECT proxy carries downloads.
 PROFILED = {"userspace": "userspace CONNECT", "kernel": "kernel CONNECT"}
 MiB = 1 << 20
 
@@ -362,15 +363,15 @@ def cell(route: Route, kind: str, clients: int, meters: Meters) -> dict[str, Any
 
 
 # ---------------------------------------------------------------- where each relay's CPU goes
-def profile_relay(route: Route, pod: tuple[str, str], mbit_s: float, seconds: int) -> Path:
-    """tailscaled's CPU profile (from its LocalAPI) while one client downloads through
-    the route, sized from the measured rate to outlast the profile."""
-    size = int(mbit_s * 1e6 / 8 * (seconds + 4))
+def profile_relay(route: Route, pod: tuple[str, str], clients: int, mbit_s: float, seconds: int) -> Path:
+    """tailscaled's CPU profile (from its LocalAPI) while `clients` clients download
+    through the route, sized from the rate measured with as many to outlast the profile."""
+    size = int(mbit_s * 1e6 / 8 * (seconds + 4)) // clients
     errors: list[BaseException] = []
 
     def download() -> None:
         try:
-            probe(route, "load", f"{route.base}/bytes/{size}", "-cacert", "/ca/ca.crt", "-clients", "1",
+            probe(route, "load", f"{route.base}/bytes/{size}", "-cacert", "/ca/ca.crt", "-clients", str(clients),
                   "-bytes", str(size), "-requests", "1", "-timeout", "150s")  # fmt: skip
         except (BenchError, subprocess.TimeoutExpired) as e:
             errors.append(e)
@@ -390,24 +391,26 @@ def profile_relay(route: Route, pod: tuple[str, str], mbit_s: float, seconds: in
     if errors:
         raise BenchError(f"the download through {route.name} failed while profiling: {errors[0]}")
     PROFILES.mkdir(parents=True, exist_ok=True)
-    out = PROFILES / f"{route.relay}.pprof"
+    out = PROFILES / f"{route.relay}-x{clients}.pprof"
     out.write_bytes(done.stdout)
     return out
 
 
 def profile_relays(
-    s: Summary, chosen: Sequence[Route], pods: dict[str, tuple[str, str]], clients: int, seconds: int
-) -> dict[str, dict[str, float]]:
-    """CPU seconds by component of each relay whose CONNECT path was measured
-    (the download sized from that path's rate with `clients` clients)."""
-    out: dict[str, dict[str, float]] = {}
+    s: Summary, chosen: Sequence[Route], pods: dict[str, tuple[str, str]], concurrency: Sequence[int], seconds: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """CPU seconds by component of each relay whose CONNECT path was measured, at
+    each number of clients (keys as JSON keeps them: strings)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
     for relay, name in PROFILED.items():
         route = next((r for r in chosen if r.name == name), None)
         if route is None:
             continue
-        path = profile_relay(route, pods[relay], s.metric(name, "download", clients, "mbit_s"), seconds)
-        out[relay] = cpu_profile.by_component(cpu_profile.read(path))
-        print(f"  {relay} relay profiled: {path}", flush=True)
+        for clients in concurrency:
+            rate = s.metric(name, "download", clients, "mbit_s")
+            path = profile_relay(route, pods[relay], clients, rate, seconds)
+            out.setdefault(relay, {})[str(clients)] = cpu_profile.by_component(cpu_profile.read(path))
+            print(f"  {relay} relay profiled with {clients} clients: {path}", flush=True)
     return out
 
 
@@ -580,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-build", action="store_true", help="do not run the build scripts")
     ap.add_argument("--report", type=Path, help="print the report of a results file again, measure nothing")
     ap.add_argument("--profile-seconds", type=int, default=PROFILE_SECONDS,
-                    help="length of each relay's CPU profile under one download (0: none)")  # fmt: skip
+                    help="length of each relay's CPU profile at each number of clients (0: none)")  # fmt: skip
     a = ap.parse_args(argv)
     if a.report:
         report(json.loads(a.report.read_text()))
@@ -652,11 +655,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings["measuring"] = round(time.monotonic() - t, 1)
         peaks = {k: cg.peak() for k, cg in memory.items()}
         rss = {k: cg.rss() for k, cg in memory.items()}
-        profiles: dict[str, dict[str, float]] = {}
+        profiles: dict[str, dict[str, dict[str, float]]] = {}
         if a.profile_seconds > 0:
             t = time.monotonic()
             pods = {"userspace": (RELAY_NS, relay_pod), "kernel": (OPEN, KRELAY)}
-            profiles = profile_relays(Summary(cells), chosen, pods, concurrency[0], a.profile_seconds)
+            profiles = profile_relays(Summary(cells), chosen, pods, concurrency, a.profile_seconds)
             timings["profiling"] = round(time.monotonic() - t, 1)
         t = time.monotonic()
     timings["teardown"] = round(time.monotonic() - t, 1)
@@ -709,10 +712,11 @@ def report(data: dict[str, Any]) -> None:
     profiles = data.get("profiles", {})
     if profiles.get("by_component"):
         print(f"\nwhat each relay's tailscaled spends its CPU on, from its own CPU profile ({profiles['seconds']} s"
-              " during one download through its HTTP CONNECT proxy; the kernel's TCP/IP work is not in a Go"
-              " profile):")  # fmt: skip
-        for relay, totals in profiles["by_component"].items():
-            print(f"  {relay:9} {cpu_profile.shares(totals)}")
+              " while that many clients download through its HTTP CONNECT proxy; the kernel's TCP/IP work is not"
+              " in a Go profile):")  # fmt: skip
+        for relay, by_clients in profiles["by_component"].items():
+            for clients, totals in by_clients.items():
+                print(f"  {relay:9} x{clients:<3} {cpu_profile.shares(totals)}")
     print("\ntimings (s): " + ", ".join(f"{k} {v}" for k, v in data["timings"].items()))
 
 
