@@ -715,6 +715,8 @@ def report(data: dict[str, Any]) -> None:
               " while that many clients download through its HTTP CONNECT proxy; the kernel's TCP/IP work is not"
               " in a Go profile):")  # fmt: skip
         for relay, by_clients in profiles["by_component"].items():
+            if all(isinstance(v, (int, float)) for v in by_clients.values()):
+                by_clients = {"1": by_clients}  # results written before each count was profiled
             for clients, totals in by_clients.items():
                 print(f"  {relay:9} x{clients:<3} {cpu_profile.shares(totals)}")
     print("\ntimings (s): " + ", ".join(f"{k} {v}" for k, v in data["timings"].items()))
