@@ -113,7 +113,7 @@ def unpinned_image_problem(image: str) -> str | None:
 class ExitNodeConfig(_Model):
     location: Annotated[str, _one_of(HETZNER_LOCATIONS)] = "fsn1"
     server_type: Annotated[str, _one_of(HETZNER_SERVER_TYPES, " (cx22 and cpx11 are retired)")] = "cx23"
-    image: Annotated[str, _one_of(EXIT_NODE_IMAGES)] = "ubuntu-24.04"
+    image: Annotated[str, _one_of(EXIT_NODE_IMAGES)] = "debian-12"
     # Before ssh_allowed_cidrs, whose check reads it.
     ssh_allow_whole_internet: bool = False
     ssh_allowed_cidrs: list[str] = Field(default_factory=list)

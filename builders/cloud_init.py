@@ -1,33 +1,64 @@
 """The exit node's cloud-init document.
 
-The VM installs Tailscale from its signed apt repository (key pinned by
-fingerprint), enables forwarding, drops whatever the tailnet sends to the VM
-itself (it forwards, it serves nothing), joins as an exit node, keeps itself
-patched, and logs out when it is powered off so that deleting the server
-removes the device from the tailnet. The document carries the auth key: callers must
-treat the whole result as a secret.
+The VM installs Tailscale from its signed apt repository (the key ships in
+the document and is checked against its pinned fingerprint when rendered: no
+keyserver at boot), enables forwarding, drops whatever the tailnet sends to
+the VM itself (it forwards, it serves nothing), joins as an exit node, keeps
+itself patched, and logs out when it is powered off so that deleting the
+server removes the device from the tailnet. The document carries the auth
+key: callers must treat the whole result as a secret. Once the node has
+joined, the VM deletes cloud-init's copies of the document and turns
+cloud-init off, so no later boot fetches or stores it again.
 """
 
 from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 import yaml
 
+from builders import openpgp
 from config import EXIT_NODE_IMAGES
 
-# Tailscale Inc. package repository signing key (RSA 4096, 2020).
+# Tailscale Inc. package repository signing key (RSA 4096, 2020), as
+# pkgs.tailscale.com publishes it (stable/debian/bookworm.asc).
 TAILSCALE_KEY_FINGERPRINT: Final = "2596A99EAAB33821893C0A79458CA832957F5868"
+TAILSCALE_KEY_FILE: Final = Path(__file__).parent / "keys" / "tailscale-archive-keyring.asc"
+SYSCTL_PATH: Final = "/etc/sysctl.d/99-tailscale-exit-node.conf"
 AUTH_KEY_PATH: Final = "/run/tailscale-egress/authkey"
 UP_SCRIPT_PATH: Final = "/usr/local/sbin/tailscale-egress-up"
 LOGOUT_SCRIPT_PATH: Final = "/usr/local/sbin/tailscale-egress-logout"
 LOGOUT_UNIT: Final = "tailscale-egress-logout.service"
 GUARD_SCRIPT_PATH: Final = "/usr/local/sbin/tailscale-egress-guard"
 GUARD_UNIT: Final = "tailscale-egress-guard.service"
+# Written before the tailscale package installs, so that tailscaled never runs
+# unguarded, not even when the package's own script starts it on first boot.
+TAILSCALED_DROP_IN: Final = "/etc/systemd/system/tailscaled.service.d/10-tailscale-egress-guard.conf"
+# cloud-init's documented switch: with it, cloud-init does nothing at boot.
+CLOUD_INIT_DISABLED: Final = "/etc/cloud/cloud-init.disabled"
 # The interface tailscaled creates (its default --tun name).
 TAILNET_INTERFACE: Final = "tailscale0"
+
+
+@dataclass(frozen=True)
+class AptSigningKey:
+    """An apt repository's signing key: the armored key the document ships,
+    and the fingerprint it must have (checked here, so a wrong key text fails
+    at render time, before any VM exists)."""
+
+    fingerprint: str
+    armored: str
+
+    def __post_init__(self) -> None:
+        actual = openpgp.fingerprint(self.armored)
+        if actual != self.fingerprint.replace(" ", "").upper():
+            raise ValueError(f"the apt signing key's fingerprint is {actual}, not the pinned {self.fingerprint}")
+
+
+TAILSCALE_SIGNING_KEY: Final = AptSigningKey(TAILSCALE_KEY_FINGERPRINT, TAILSCALE_KEY_FILE.read_text())
 
 
 @dataclass(frozen=True)
@@ -43,13 +74,22 @@ def up_script(boot: ExitNodeBoot) -> str:
     return f"""#!/bin/sh
 # Joins the tailnet as an exit node. Written and run once by cloud-init.
 set -eu
-sysctl --system >/dev/null
+# Only this file: "sysctl --system" fails on any unrelated file of the image.
+sysctl -p {SYSCTL_PATH} >/dev/null
 systemctl enable --now {GUARD_UNIT}
 systemctl enable --now tailscaled
 {shlex.join(up)}
 # The key is single-use and spent now; do not leave it on disk.
 rm -f {AUTH_KEY_PATH}
 systemctl enable --now {LOGOUT_UNIT}
+# cloud-init keeps the whole document (the key in it) under /var/lib/cloud and
+# would fetch and store it again at every boot: turn it off, then delete its
+# copies and discard their blocks where the disk supports it.
+touch {CLOUD_INIT_DISABLED}
+rm -f /var/lib/cloud/instances/*/user-data.txt /var/lib/cloud/instances/*/user-data.txt.i \\
+  /var/lib/cloud/instances/*/cloud-config.txt /var/lib/cloud/instances/*/obj.pkl \\
+  /var/lib/cloud/instances/*/scripts/runcmd
+fstrim / || true
 """
 
 
@@ -84,12 +124,17 @@ done
 
 
 def guard_unit() -> str:
-    # Before tailscaled at every boot, and required by it: if the rules cannot
-    # be set, tailscaled does not start and the relay fails closed.
+    # Before the network and tailscaled at every boot. No default dependencies:
+    # those order it after basic.target, which cloud-init.service (itself after
+    # networking.service) must precede, and that cycle cost the VM its network
+    # on every boot after the first. The rules need only the root filesystem.
     return f"""[Unit]
 Description=Drop traffic from the tailnet addressed to this exit node itself
-Before=tailscaled.service network-pre.target
+DefaultDependencies=no
+After=local-fs.target
+Before=network-pre.target tailscaled.service shutdown.target
 Wants=network-pre.target
+Conflicts=shutdown.target
 
 [Service]
 Type=oneshot
@@ -98,7 +143,16 @@ ExecStart={GUARD_SCRIPT_PATH}
 
 [Install]
 WantedBy=multi-user.target
-RequiredBy=tailscaled.service
+"""
+
+
+def tailscaled_drop_in() -> str:
+    # Required by tailscaled whenever it starts (the package's install script,
+    # an upgrade, a boot): if the rules cannot be set, tailscaled does not
+    # start and the relay fails closed.
+    return f"""[Unit]
+Requires={GUARD_UNIT}
+After={GUARD_UNIT}
 """
 
 
@@ -154,7 +208,7 @@ Unattended-Upgrade::Automatic-Reboot-Time "04:00";
 """
 
 
-def cloud_config(boot: ExitNodeBoot) -> dict[str, object]:
+def cloud_config(boot: ExitNodeBoot, signing_key: AptSigningKey = TAILSCALE_SIGNING_KEY) -> dict[str, object]:
     distro, codename = EXIT_NODE_IMAGES[boot.image]
     return {
         "hostname": boot.hostname,
@@ -166,17 +220,18 @@ def cloud_config(boot: ExitNodeBoot) -> dict[str, object]:
             "sources": {
                 "tailscale.list": {
                     "source": f"deb [signed-by=$KEY_FILE] https://pkgs.tailscale.com/stable/{distro} {codename} main",
-                    "keyid": TAILSCALE_KEY_FINGERPRINT,
+                    "key": signing_key.armored,
                 }
             }
         },
         "packages": ["tailscale", "iptables", "unattended-upgrades"],
         "write_files": [
-            {"path": "/etc/sysctl.d/99-tailscale-exit-node.conf", "content": SYSCTL, "permissions": "0644"},
+            {"path": SYSCTL_PATH, "content": SYSCTL, "permissions": "0644"},
             {"path": "/etc/apt/apt.conf.d/52tailscale-egress", "content": UNATTENDED_UPGRADES, "permissions": "0644"},
             {"path": AUTH_KEY_PATH, "content": boot.auth_key, "permissions": "0600", "owner": "root:root"},
             {"path": GUARD_SCRIPT_PATH, "content": guard_script(), "permissions": "0755"},
             {"path": f"/etc/systemd/system/{GUARD_UNIT}", "content": guard_unit(), "permissions": "0644"},
+            {"path": TAILSCALED_DROP_IN, "content": tailscaled_drop_in(), "permissions": "0644"},
             {"path": UP_SCRIPT_PATH, "content": up_script(boot), "permissions": "0755"},
             {"path": LOGOUT_SCRIPT_PATH, "content": logout_script(), "permissions": "0755"},
             {"path": f"/etc/systemd/system/{LOGOUT_UNIT}", "content": logout_unit(), "permissions": "0644"},
@@ -195,9 +250,10 @@ _BlockDumper.add_representer(
 )
 
 
-def render_cloud_init(boot: ExitNodeBoot) -> str:
-    """The user_data document (a secret: it carries the auth key)."""
-    body: str = yaml.dump(cloud_config(boot), Dumper=_BlockDumper, sort_keys=False, width=1000)
+def render_cloud_init(boot: ExitNodeBoot, signing_key: AptSigningKey = TAILSCALE_SIGNING_KEY) -> str:
+    """The user_data document (a secret: it carries the auth key). Tests pass
+    their own repository's `signing_key`; the program always uses Tailscale's."""
+    body: str = yaml.dump(cloud_config(boot, signing_key), Dumper=_BlockDumper, sort_keys=False, width=1000)
     return "#cloud-config\n" + body
 
 

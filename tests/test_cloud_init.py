@@ -12,9 +12,24 @@ from typing import Any
 import pytest
 import yaml
 
-from builders.cloud_init import SHELL_SCRIPTS, ExitNodeBoot, render_cloud_init
+from builders import openpgp
+from builders.cloud_init import (
+    SHELL_SCRIPTS,
+    TAILSCALE_KEY_FILE,
+    AptSigningKey,
+    ExitNodeBoot,
+    render_cloud_init,
+)
 from tests.stacks import dev
-from tests.support.cloud_init import schema_check, shellcheck, tailnet_input_guard, top_level_keys, written_files
+from tests.support.cloud_init import (
+    gpg_fingerprints,
+    schema_check,
+    shellcheck,
+    tailnet_input_guard,
+    top_level_keys,
+    unit_directives,
+    written_files,
+)
 
 Doc = dict[str, Any]
 # Tailscale Inc.'s package signing key, as pkgs.tailscale.com publishes it.
@@ -24,7 +39,7 @@ AUTH_KEY = re.compile(r"tskey-auth-[A-Za-z0-9-]+")
 
 
 def from_builder() -> str:
-    return render_cloud_init(ExitNodeBoot(hostname="exit-test-1", image="ubuntu-24.04", auth_key=BUILDER_KEY))
+    return render_cloud_init(ExitNodeBoot(hostname="exit-test-1", image="debian-12", auth_key=BUILDER_KEY))
 
 
 def from_dev_stack() -> str:
@@ -63,7 +78,8 @@ def run_scripts(doc: Doc) -> list[str]:
 
 def commands(script: str) -> list[list[str]]:
     """The script's simple commands, split as sh would (comments and blank lines dropped)."""
-    return [shlex.split(line, comments=True) for line in script.splitlines() if shlex.split(line, comments=True)]
+    joined = script.replace("\\\n", " ")  # continuation lines, as sh joins them
+    return [shlex.split(line, comments=True) for line in joined.splitlines() if shlex.split(line, comments=True)]
 
 
 class TestCloudInitAccepts:
@@ -114,16 +130,46 @@ class TestShellScripts:
 
 
 class TestTailscaleInstall:
-    def test_comes_from_pkgs_tailscale_com_signed_by_the_pinned_key(self, doc: Doc) -> None:
+    def test_comes_from_pkgs_tailscale_com_signed_by_the_pinned_key_shipped_in_the_document(
+        self, doc: Doc, tmp_path: Path
+    ) -> None:
         sources = doc["apt"]["sources"]
         tailscale = [s for s in sources.values() if "pkgs.tailscale.com" in s["source"]]
         assert len(tailscale) == 1, sources
         (source,) = tailscale
-        assert source["keyid"].replace(" ", "").upper() == TAILSCALE_KEY_FINGERPRINT
+        # No keyid: cloud-init would fetch the key from a keyserver at every first boot.
+        assert "keyid" not in source and "keyserver" not in source, "a keyserver at boot"
         assert re.match(
             r"deb \[signed-by=\$KEY_FILE\] https://pkgs\.tailscale\.com/stable/\w+ \w+ main$", source["source"]
         )
+        # The key the VM trusts is Tailscale's: gpg itself reads its fingerprint.
+        (tmp_path / "key.asc").write_text(source["key"])
+        assert gpg_fingerprints(tmp_path / "key.asc")[0] == TAILSCALE_KEY_FINGERPRINT
         assert "tailscale" in doc["packages"]
+
+    def test_a_key_that_is_not_the_pinned_one_fails_at_render_time(self) -> None:
+        armored = TAILSCALE_KEY_FILE.read_text()
+        lines = armored.splitlines()
+        # One character of the key material changed: the armor checksum no longer matches.
+        lines[3] = ("B" if lines[3][0] != "B" else "C") + lines[3][1:]
+        with pytest.raises(openpgp.NotAPublicKeyError, match="checksum"):
+            AptSigningKey(TAILSCALE_KEY_FINGERPRINT, "\n".join(lines))
+        # A valid key, but another one: its fingerprint is not the pinned one.
+        with pytest.raises(ValueError, match="not the pinned"):
+            AptSigningKey("0" * 40, armored)
+
+    def test_our_fingerprint_reader_agrees_with_gpg(self) -> None:
+        assert openpgp.fingerprint(TAILSCALE_KEY_FILE.read_text()) == gpg_fingerprints(TAILSCALE_KEY_FILE)[0]
+
+    def test_a_test_repository_key_replaces_only_the_key(self, tmp_path: Path) -> None:
+        # The boot test renders the document with its own repository's key: nothing else may differ.
+        other = AptSigningKey(TAILSCALE_KEY_FINGERPRINT, TAILSCALE_KEY_FILE.read_text().replace("\n", "\r\n"))
+        boot = ExitNodeBoot(hostname="exit-test-1", image="debian-12", auth_key=BUILDER_KEY)
+        ours, theirs = yaml.safe_load(render_cloud_init(boot)), yaml.safe_load(render_cloud_init(boot, other))
+        assert ours["apt"]["sources"]["tailscale.list"]["key"] != theirs["apt"]["sources"]["tailscale.list"]["key"]
+        for doc in (ours, theirs):
+            del doc["apt"]["sources"]["tailscale.list"]["key"]
+        assert ours == theirs
 
 
 class TestForwarding:
@@ -137,10 +183,13 @@ class TestForwarding:
                         settings[key.strip()] = value.strip()
         assert settings.get("net.ipv4.ip_forward") == "1"
         assert settings.get("net.ipv6.conf.all.forwarding") == "1"
-        # The file lands after boot's sysctl pass: something must apply it before the node advertises routes.
+        # The file lands after boot's sysctl pass: something must apply it before the node advertises routes,
+        # and only it: `sysctl --system` fails on any unrelated file of the image, and `set -e` aborts the join.
         (script,) = run_scripts(doc)
         steps = commands(script)
-        applied = next(i for i, c in enumerate(steps) if c[:2] == ["sysctl", "--system"])
+        (sysctl_file,) = [p for p in written_files(doc) if p.startswith("/etc/sysctl.d/")]
+        assert not [c for c in steps if c[:2] == ["sysctl", "--system"]]
+        applied = next(i for i, c in enumerate(steps) if c[:3] == ["sysctl", "-p", sysctl_file])
         up = next(i for i, c in enumerate(steps) if c[:2] == ["tailscale", "up"])
         assert applied < up
 
@@ -161,6 +210,20 @@ class TestJoining:
         removed = [i for i, c in enumerate(steps) if c[:1] == ["rm"] and key_path in c]
         assert removed and removed[0] > up_at, "the key file stays on disk"
         assert steps[0][:2] == ["set", "-eu"] or "set -e" in script, "a failed step would go unnoticed"
+
+    def test_after_the_join_cloud_init_is_off_and_its_copies_of_the_document_are_deleted(self, doc: Doc) -> None:
+        (script,) = run_scripts(doc)
+        steps = commands(script)
+        up = next(i for i, c in enumerate(steps) if c[:2] == ["tailscale", "up"])
+        # cloud-init would fetch and store the document again at the next boot.
+        disabled = next(i for i, c in enumerate(steps) if c == ["touch", "/etc/cloud/cloud-init.disabled"])
+        (removed,) = [c for c in steps if c[:2] == ["rm", "-f"] and any(a.startswith("/var/lib/cloud/") for a in c)]
+        gone = {Path(a).name for a in removed[2:]}
+        assert {"user-data.txt", "user-data.txt.i", "cloud-config.txt", "obj.pkl"} <= gone
+        assert all(a.startswith("/var/lib/cloud/instances/*/") for a in removed[2:])
+        at = steps.index(removed)
+        assert up < disabled < at, "cloud-init's copies go only once the key is spent"
+        assert any(c[:1] == ["fstrim"] for c in steps[at:]), "the deleted blocks stay on a disk that could discard them"
 
     def test_the_auth_key_appears_only_in_its_file(self, doc: Doc, text: str) -> None:
         keys = set(AUTH_KEY.findall(text))
@@ -202,22 +265,38 @@ class TestServesNothing:
     dropped (the data path, tests/datapath/test_tailnet_reach.py, runs this
     very script in the exit node's namespace)."""
 
-    def test_the_guard_runs_at_every_boot_before_tailscaled_which_requires_it(self, doc: Doc) -> None:
+    def test_the_guard_runs_at_every_boot_before_the_network_and_tailscaled(self, doc: Doc) -> None:
         unit, text, _ = tailnet_input_guard(doc)
-        directives: dict[str, set[str]] = {}
-        for line in text.splitlines():
-            key, sep, value = line.partition("=")
-            if sep:
-                directives.setdefault(key, set()).update(value.split())
-        assert "tailscaled.service" in directives["Before"]
-        assert "tailscaled.service" in directives["RequiredBy"], "tailscaled would start without the guard"
+        directives = unit_directives(text)
+        assert {"network-pre.target", "tailscaled.service"} <= directives["Before"]
         assert "multi-user.target" in directives["WantedBy"]
         assert directives["RemainAfterExit"] == {"yes"}
+        # Default dependencies order a unit after basic.target, which cloud-init.service (itself after
+        # networking.service) precedes: with Before=network-pre.target that is an ordering cycle, and systemd
+        # broke it by dropping networking.service, so the VM had no network on every boot after the first.
+        assert directives["DefaultDependencies"] == {"no"}
+        assert directives["After"] <= {"local-fs.target", "systemd-modules-load.service"}, directives["After"]
+        assert "shutdown.target" in directives["Conflicts"] and "shutdown.target" in directives["Before"]
         (script,) = run_scripts(doc)
         steps = commands(script)
         enabled = next(i for i, c in enumerate(steps) if c[:3] == ["systemctl", "enable", "--now"] and unit in c)
         up = next(i for i, c in enumerate(steps) if c[:2] == ["tailscale", "up"])
         assert enabled < up, "the node joins before its input is guarded"
+
+    def test_tailscaled_requires_the_guard_from_the_moment_the_package_installs(self, doc: Doc) -> None:
+        # The package's install script starts tailscaled before runcmd: a drop-in written by write_files (which
+        # runs before packages are installed) makes every start of tailscaled pull in the guard and wait for it,
+        # and fail when the guard fails.
+        unit, _, _ = tailnet_input_guard(doc)
+        drop_ins = {
+            p: f["content"]
+            for p, f in written_files(doc).items()
+            if p.startswith("/etc/systemd/system/tailscaled.service.d/") and p.endswith(".conf")
+        }
+        assert len(drop_ins) == 1, drop_ins
+        directives = unit_directives(next(iter(drop_ins.values())))
+        assert unit in directives["Requires"], "tailscaled would start without the guard"
+        assert unit in directives["After"], "tailscaled would start beside the guard, not after it"
 
     def test_the_guard_covers_ipv4_and_ipv6_in_a_table_tailscaled_leaves_alone(self, doc: Doc) -> None:
         _, _, script = tailnet_input_guard(doc)

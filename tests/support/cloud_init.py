@@ -94,3 +94,22 @@ def tailnet_input_guard(doc: dict[str, Any]) -> tuple[str, str, str]:
                 found.append((Path(path).name, entry["content"], written[target]["content"]))
     assert len(found) == 1, "no single unit runs the tailnet input guard"
     return found[0]
+
+
+def unit_directives(text: str) -> dict[str, set[str]]:
+    """A systemd unit's directives, every value of a repeated key merged (as systemd does for lists)."""
+    directives: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", ";")):
+            directives.setdefault(key.strip(), set()).update(value.split())
+    return directives
+
+
+def gpg_fingerprints(key_file: Path) -> list[str]:
+    """The fingerprints gpg reads from a key file, primary key first, without importing it anywhere."""
+    gpg = executable("gpg", "apt-get install -y gnupg")
+    done = _run([str(gpg), "--show-keys", "--with-colons", "--with-fingerprint", str(key_file)])
+    if done.returncode != 0:
+        raise RuntimeError(f"gpg cannot read {key_file}:\n{done.stderr}")
+    return [line.split(":")[9] for line in done.stdout.splitlines() if line.startswith("fpr:")]
