@@ -20,8 +20,9 @@
 #
 # Usage: build-cluster-bins.sh [component...]  (default: all, in the order above)
 # Idempotent: a binary already built from the pinned version is kept; images
-# are rebuilt only when an input changed. Needs Go, gcc with static glibc,
-# umoci, busybox-static and iptables (scripts/install-test-tools.sh --cluster).
+# are rebuilt only when an input changed. Needs Go; installs what else it runs
+# itself (gcc with static glibc, umoci, busybox-static, iptables:
+# scripts/install-test-tools.sh --cluster-bins), so it works on a fresh machine.
 # Output: $TS_EGRESS_CACHE/bin/<name>, $TS_EGRESS_CACHE/images/<name>.tar
 set -euo pipefail
 
@@ -239,7 +240,7 @@ ca_bundle() {
 }
 
 build_images() {
-    command -v umoci >/dev/null || die "umoci not found (bash scripts/install-test-tools.sh --cluster)"
+    command -v umoci >/dev/null || die "umoci not found (bash scripts/install-test-tools.sh --cluster-bins)"
     [[ -x $BUSYBOX ]] || die "$BUSYBOX not found (apt-get install busybox-static)"
     mkdir -p "$IMAGES"
     local roots="$IMAGES/.roots" r
@@ -290,6 +291,9 @@ EOF
 main() {
     local components=("$@")
     [[ ${#components[@]} -gt 0 ]] || components=(kube-router coredns probe pause images)
+    # What pause and images run, installed here rather than by a later test
+    # step (seconds when all is there; under CI=true a failure stops the build).
+    bash "$HERE/install-test-tools.sh" --cluster-bins
     mkdir -p "$BIN"
     for c in "${components[@]}"; do
         case "$c" in
