@@ -33,23 +33,25 @@ class StackNames:
         return cls(prefix=f"te-{dns_label(stack, 30)}-{digest}")
 
     def exit_node_hostname(self, generation: str) -> str:
-        """Hostname of one exit node VM generation.
+        """Hostname of one exit node VM generation, in Hetzner and the tailnet.
 
-        `generation` changes whenever the VM is replaced (it is derived from
-        the auth key that the VM's user_data carries), so a stale device of an
-        earlier VM never has the name the stack waits for.
+        `generation` is the ID of the auth key that the VM's user_data carries:
+        it changes whenever the VM is replaced, so a stale device of an earlier
+        VM never has the name the stack waits for, and the tailnet minted it
+        for this stack alone, so two stacks of the same name (in two backends,
+        one Hetzner project and one tailnet) never share it.
         """
-        # Tailscale key IDs end in a constant "CNTRL"; the part before it varies.
-        unique = dns_label(generation).removesuffix("cntrl").rstrip("-")[-8:]
-        return dns_label(f"{self.prefix}-exit-{unique}")
+        return dns_label(f"{self.prefix}-exit-{_generation_suffix(generation)}")
 
     @property
     def relay_hostname(self) -> str:
         return dns_label(f"{self.prefix}-relay")
 
-    @property
-    def firewall(self) -> str:
-        return dns_label(f"{self.prefix}-exit")
+    def firewall(self, generation: str) -> str:
+        """The exit node's Hetzner firewall, one per VM generation: Hetzner
+        names are unique per project, and the project and stack names alone
+        are the same for every developer's `dev` stack."""
+        return dns_label(f"{self.prefix}-fw-{_generation_suffix(generation)}")
 
     def key_description(self, role: str) -> str:
         # Tailscale allows only alphanumerics, spaces and hyphens here, at
@@ -60,3 +62,8 @@ class StackNames:
     def labels(self) -> dict[str, str]:
         """Hetzner labels that say which stack owns a server or firewall."""
         return {"managed-by": "tailscale-egress", "stack": self.prefix}
+
+
+def _generation_suffix(generation: str) -> str:
+    # Tailscale key IDs end in a constant "CNTRL"; the part before it varies.
+    return dns_label(generation).removesuffix("cntrl").rstrip("-")[-8:]

@@ -56,7 +56,7 @@ class HetznerExitNode(pulumi.ComponentResource):
 
         firewall = hcloud.Firewall(
             f"{name}-firewall",
-            name=names.firewall,
+            name=args.key_id.apply(names.firewall),
             labels=names.labels,
             rules=firewall_rules(cfg.ssh_allowed_cidrs),  # type: ignore[arg-type]
             opts=child,

@@ -10,13 +10,15 @@ from pathlib import Path
 import yaml
 
 from builders.cloud_init import LOGOUT_UNIT, logout_script, logout_unit
+from builders.names import StackNames
 from tests.stacks import dev, dev_config, kube_objects, pinned, with_config
-from tools.mockstack import Evaluation, Registration, evaluate
+from tools.mockstack import Evaluation, FakeProviders, Registration, evaluate
 
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
 POLICY = "kubernetes:networking.k8s.io/v1:NetworkPolicy"
 ROUTES = "tailscale:index/deviceSubnetRoutes:DeviceSubnetRoutes"
 SERVER = "hcloud:index/server:Server"
+FIREWALL = "hcloud:index/firewall:Firewall"
 
 
 def depends_on(evaluation: Evaluation, resource: Registration) -> set[str]:
@@ -96,6 +98,29 @@ def test_two_stacks_side_by_side_share_no_name_in_hetzner_or_the_tailnet() -> No
     assert not _external_names(evaluate(dev_config(), "Alice.Dev")) & _external_names(
         evaluate(dev_config(), "alice-dev")
     )
+
+
+def test_two_developers_dev_stacks_in_separate_backends_share_no_name_in_hetzner_or_the_exit_nodes_hostname() -> None:
+    # Same project, same stack name, each its own backend: the keys each one
+    # mints (and so its VM generation) are its own, as in a real tailnet.
+    alice = evaluate(dev_config(), "dev", fakes=FakeProviders(tailnet="alice's backend"))
+    bob = evaluate(dev_config(), "dev", fakes=FakeProviders(tailnet="bob's backend"))
+    for typ in (SERVER, FIREWALL):
+        (a,), (b,) = alice.of_type(typ), bob.of_type(typ)
+        assert a.plain()["name"] != b.plain()["name"], typ
+    assert alice.outputs["exitNodeHostname"] != bob.outputs["exitNodeHostname"]
+    # Still readable: which stack, and which kind of thing.
+    (firewall,) = alice.of_type(FIREWALL)
+    assert firewall.plain()["name"].startswith("te-dev-")
+    assert alice.outputs["exitNodeHostname"].startswith("te-dev-") and "-exit-" in alice.outputs["exitNodeHostname"]
+
+
+def test_the_firewall_is_renamed_with_each_new_exit_node_vm() -> None:
+    # A new key is a new VM generation: the firewall goes with the VM it guards.
+    names = StackNames.for_stack("tailscale-egress", "dev")
+    assert names.firewall("kAAAA1111CNTRL") != names.firewall("kBBBB2222CNTRL")
+    assert names.firewall("kAAAA1111CNTRL") == names.firewall("kAAAA1111CNTRL")
+    assert names.firewall("kAAAA1111CNTRL") != names.exit_node_hostname("kAAAA1111CNTRL")
 
 
 def test_hetzner_resources_say_which_stack_owns_them() -> None:

@@ -47,14 +47,17 @@ def _short_hash(text: str) -> str:
 class FakeProviders(pulumi.runtime.Mocks):
     """Answers as Tailscale, Hetzner and Kubernetes would, with fixed fakes."""
 
-    def __init__(self, policy: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, policy: Mapping[str, Any] | None = None, tailnet: str = "") -> None:
         self.policy = dict(PERMISSIVE_POLICY if policy is None else policy)
+        # The IDs Tailscale gives keys differ from one tailnet (or one stack's
+        # backend) to another; "" keeps renders the same from run to run.
+        self.tailnet = tailnet
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
         state = dict(args.inputs)
         typ, name = args.typ, args.name
         if typ == "tailscale:index/tailnetKey:TailnetKey":
-            key_id = f"k{_short_hash(name)}CNTRL"
+            key_id = f"k{_short_hash(self.tailnet + name)}CNTRL"
             state["key"] = {_SECRET_SIG: _SECRET_VALUE, "value": f"tskey-auth-{key_id}-MOCKSECRET"}
             return key_id, state
         if typ == "hcloud:index/firewall:Firewall":
