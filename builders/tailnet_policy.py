@@ -41,9 +41,16 @@ Policy = dict[str, Any]
 INTERNET = "autogroup:internet"
 # Where Tailscale (and Headscale, by default) assigns device addresses.
 TAILNET_RANGES = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
-# Ports the managed policy's `tests` assert the relay cannot open on members'
-# devices and on the exit node: remote shells and desktops, web, databases.
-DENIED_PORTS = (22, 80, 443, 3389, 5432, 8080)
+# Ports the stack's `tests` deny the relay on every device it may not reach.
+# A policy test names one destination port at a time (no ranges, no `*`), so
+# this is a list: remote shells and desktops, file sharing, mail, DNS, web,
+# proxies, databases and caches, container and cluster APIs, and the relay's
+# own ports (health 9002, proxies 1080 and 3128). Every port the policy file
+# itself names is added to it (`denied_ports`).
+DENIED_PORTS = (
+    21, 22, 23, 25, 53, 80, 111, 135, 139, 443, 445, 873, 1080, 2049, 2375, 2376, 3000, 3128, 3306, 3389,
+    5000, 5432, 5900, 6379, 6443, 8000, 8022, 8080, 8443, 8888, 9000, 9002, 9090, 9200, 10250, 11211, 27017,
+)  # fmt: skip
 # What the stack asked for before it routed through the exit node only; a
 # managed policy drops it in favour of the `via` grant.
 _LEGACY_GRANT_KEYS = ("src", "dst", "ip")
@@ -55,27 +62,74 @@ def internet_grant(exit_node_tag: str, relay_tag: str) -> Policy:
     return {"src": [relay_tag], "dst": [INTERNET], "ip": ["*"], "via": [exit_node_tag]}
 
 
-def policy_tests(exit_node_tag: str, relay_tag: str) -> list[Policy]:
-    """Assertions Tailscale evaluates on every change of the policy file, so
-    that a later hand edit that opens members' devices or the exit node to
-    the relay is refused by Tailscale itself. An `accept` for the internet is
-    not expressible: `autogroup:internet` is not a valid test destination."""
-    return [
-        {
-            "src": relay_tag,
-            "deny": [f"{dst}:{port}" for dst in ("autogroup:member", exit_node_tag) for port in DENIED_PORTS],
-        }
-    ]
+def _named_ports(spec: str) -> set[int]:
+    """The ports one `ports` (ACL) or `ip` (grant) entry names: `22`, `tcp:22`,
+    `22,80`, `1000-2000` (both ends), `*` (none)."""
+    found: set[int] = set()
+    for part in spec.rsplit(":", 1)[-1].split(","):
+        for end in part.split("-"):
+            if end.strip().isdigit() and 0 < int(end) < 65536:
+                found.add(int(end))
+    return found
 
 
-def required_policy(exit_node_tag: str, relay_tag: str) -> Policy:
-    """The entries this stack needs: tags it may assign, the relay's use of
-    the exit node, the tests that keep the relay to that, and (where the
-    stack manages the file) exit-route auto-approval."""
+def denied_ports(policy: Mapping[str, Any] | None) -> list[int]:
+    """DENIED_PORTS plus every port the policy's rules name (for anyone): what
+    a device of this tailnet is known to serve is what the relay must not reach."""
+    ports = set(DENIED_PORTS)
+    for acl in (policy or {}).get("acls") or []:
+        if isinstance(acl, Mapping):
+            for dst in acl.get("dst", acl.get("ports")) or []:
+                if isinstance(dst, str) and ":" in dst:
+                    ports |= _named_ports(dst)
+    for grant in (policy or {}).get("grants") or []:
+        if isinstance(grant, Mapping):
+            for ip in grant.get("ip") or []:
+                if isinstance(ip, str):
+                    ports |= _named_ports(ip)
+    return sorted(ports)
+
+
+def denied_destinations(exit_node_tag: str, relay_tag: str, policy: Mapping[str, Any] | None) -> list[str]:
+    """Members' devices, this stack's exit node, every relay (other stacks'
+    relays share the tag) and every other tagged device the policy knows."""
+    tags = [t for t in (policy or {}).get("tagOwners") or {} if t not in (exit_node_tag, relay_tag)]
+    return ["autogroup:member", exit_node_tag, relay_tag, *sorted(tags)]
+
+
+def policy_tests(exit_node_tag: str, relay_tag: str, policy: Mapping[str, Any] | None = None) -> list[Policy]:
+    """Assertions the control server evaluates on every change of the policy
+    file, so that a later hand edit that opens a device of the tailnet to the
+    relay is refused by Tailscale (or Headscale) itself. They cannot say
+    "every port" (a test names single ports), nor "only the internet": an
+    `accept` for the internet is not expressible, `autogroup:internet` is not
+    a valid test destination."""
+    ports = denied_ports(policy)
+    destinations = denied_destinations(exit_node_tag, relay_tag, policy)
+    return [{"src": relay_tag, "deny": [f"{dst}:{port}" for dst in destinations for port in ports]}]
+
+
+def missing_tests(policy: Mapping[str, Any], exit_node_tag: str, relay_tag: str) -> list[str]:
+    """The denials the policy's `tests` lack for this stack (a read-only policy
+    must carry them too: without them nothing refuses a later edit)."""
+    have = {
+        d
+        for t in policy.get("tests") or []
+        if isinstance(t, Mapping) and t.get("src") == relay_tag
+        for d in t.get("deny") or []
+    }
+    (needed,) = policy_tests(exit_node_tag, relay_tag, policy)
+    return [d for d in needed["deny"] if d not in have]
+
+
+def required_policy(exit_node_tag: str, relay_tag: str, current: Mapping[str, Any] | None = None) -> Policy:
+    """The entries this stack needs in `current`: tags it may assign, the
+    relay's use of the exit node, the tests that keep the relay to that, and
+    (where the stack manages the file) exit-route auto-approval."""
     return {
         "tagOwners": {exit_node_tag: ["autogroup:admin"], relay_tag: ["autogroup:admin"]},
         "grants": [internet_grant(exit_node_tag, relay_tag)],
-        "tests": policy_tests(exit_node_tag, relay_tag),
+        "tests": policy_tests(exit_node_tag, relay_tag, current),
         "autoApprovers": {"exitNode": [exit_node_tag]},
     }
 
@@ -217,6 +271,13 @@ def policy_problems(policy: Mapping[str, Any], exit_node_tag: str, relay_tag: st
             " the relay could not use the exit node"
         )
     problems += [o.describe(relay_tag) for o in relay_offences(policy, relay_tag)]
+    missing = missing_tests(policy, exit_node_tag, relay_tag)
+    if missing:
+        problems.append(
+            f'tests has no "deny" for "{relay_tag}" to {len(missing)} destinations (e.g. {json.dumps(missing[:3])}):'
+            " without them Tailscale accepts a later edit of the policy that opens a device to the relay;"
+            ' add the "tests" entry below'
+        )
     return problems
 
 
@@ -235,8 +296,10 @@ def policy_warnings(policy: Mapping[str, Any], exit_node_tag: str, relay_tag: st
     ]
 
 
-def preflight_message(problems: list[str], exit_node_tag: str, relay_tag: str) -> str:
-    snippet = required_policy(exit_node_tag, relay_tag)
+def preflight_message(
+    problems: list[str], exit_node_tag: str, relay_tag: str, current: Mapping[str, Any] | None = None
+) -> str:
+    snippet = required_policy(exit_node_tag, relay_tag, current)
     del snippet["autoApprovers"]  # approval is done through the API by default
     return (
         "the tailnet policy file does not allow this stack yet:\n  - "
@@ -270,7 +333,7 @@ def merged_policy(current: Mapping[str, Any], exit_node_tag: str, relay_tag: str
             + "\nFix the policy file by hand (admin console, Access controls), then run `pulumi up` again."
         )
     merged: Policy = copy.deepcopy(dict(current))
-    needed = required_policy(exit_node_tag, relay_tag)
+    needed = required_policy(exit_node_tag, relay_tag, current)
     owners = merged.setdefault("tagOwners", {})
     for tag, tag_owners in needed["tagOwners"].items():
         owners.setdefault(tag, tag_owners)
@@ -280,7 +343,9 @@ def merged_policy(current: Mapping[str, Any], exit_node_tag: str, relay_tag: str
         if grant not in grants:
             grants.append(grant)
     merged["grants"] = grants
-    tests = merged.setdefault("tests", [])
+    # The stack's own earlier tests (only "src" and "deny" for the relay) make way for today's.
+    tests = [t for t in merged.get("tests") or [] if not (t.get("src") == relay_tag and set(t) == {"src", "deny"})]
+    merged["tests"] = tests
     for test in needed["tests"]:
         if test not in tests:
             tests.append(test)

@@ -19,7 +19,9 @@ from builders.tailnet_policy import (
     UnsafePolicyError,
     internet_grant,
     merged_policy,
+    missing_tests,
     policy_problems,
+    policy_tests,
     policy_warnings,
     relay_offences,
     required_policy,
@@ -160,7 +162,11 @@ def test_the_policy_the_stack_asks_for_passes_without_warning() -> None:
 
 
 def test_an_internet_grant_without_via_is_accepted_with_a_warning() -> None:
-    policy = {"tagOwners": OWNERS, "grants": [{"src": [RELAY], "dst": ["autogroup:internet"], "ip": ["*"]}]}
+    policy = {
+        "tagOwners": OWNERS,
+        "grants": [{"src": [RELAY], "dst": ["autogroup:internet"], "ip": ["*"]}],
+        "tests": policy_tests(EXIT, RELAY),
+    }
     assert policy_problems(policy, EXIT, RELAY) == []
     (warning,) = policy_warnings(policy, EXIT, RELAY)
     assert "any exit node" in warning and json.dumps(internet_grant(EXIT, RELAY)) in warning
@@ -170,9 +176,44 @@ def test_a_grant_via_another_router_does_not_count_as_the_way_out() -> None:
     policy = {
         "tagOwners": OWNERS,
         "grants": [{"src": [RELAY], "dst": ["autogroup:internet"], "ip": ["*"], "via": ["tag:home"]}],
+        "tests": policy_tests(EXIT, RELAY),
     }
     (problem,) = policy_problems(policy, EXIT, RELAY)
     assert f'no grant lets "{RELAY}" reach "autogroup:internet" via "{EXIT}"' in problem
+
+
+# --------------------------------------------------------------- the tests that guard later edits
+def test_a_read_only_policy_without_the_tests_is_refused_naming_them() -> None:
+    # Without its tests nothing refuses an edit made after `pulumi up`.
+    policy = stack_policy()
+    del policy["tests"]
+    (problem,) = policy_problems(policy, EXIT, RELAY)
+    assert f'tests has no "deny" for "{RELAY}"' in problem and "autogroup:member:22" in problem
+
+
+def test_the_tests_deny_every_device_the_policy_knows_on_every_port_it_names() -> None:
+    policy = stack_policy(
+        tagOwners={**OWNERS, "tag:server": ["group:ops"]},
+        grants=[{"src": ["autogroup:member"], "dst": ["tag:server"], "ip": ["tcp:47123"]}],
+        acls=[{"action": "accept", "src": ["group:ops"], "dst": ["tag:server:5000-5010,6000"]}],
+    )
+    (test,) = policy_tests(EXIT, RELAY, policy)
+    assert test["src"] == RELAY
+    for dst in ("autogroup:member", EXIT, RELAY, "tag:server"):
+        for port in (22, 443, 3128, 8022, 9002, 47123, 5000, 5010, 6000):
+            assert f"{dst}:{port}" in test["deny"], (dst, port)
+    # The policy's tests were written before tag:server and port 47123 existed: the preflight says so.
+    missing = missing_tests(policy, EXIT, RELAY)
+    assert "tag:server:22" in missing and "autogroup:member:47123" in missing
+    assert "autogroup:member:22" not in missing
+
+
+def test_merging_replaces_the_stacks_earlier_tests_instead_of_adding_beside_them() -> None:
+    earlier = {"src": RELAY, "deny": ["autogroup:member:22", f"{EXIT}:22"]}
+    current = {"tagOwners": OWNERS, "grants": [internet_grant(EXIT, RELAY)], "tests": [earlier]}
+    merged = merged_policy(current, EXIT, RELAY)
+    assert merged["tests"] == policy_tests(EXIT, RELAY, current)
+    assert missing_tests(merged, EXIT, RELAY) == []
 
 
 # --------------------------------------------------------------- through the stack

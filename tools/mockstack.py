@@ -24,6 +24,8 @@ from pulumi.runtime import rpc, settings
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
+from builders.tailnet_policy import policy_tests
+
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "tailscale-egress"
 SECRET = "[secret]"
@@ -34,6 +36,7 @@ _SECRET_VALUE = rpc._special_secret_sig
 PERMISSIVE_POLICY: dict[str, Any] = {
     "tagOwners": {"tag:egress-exit": ["autogroup:admin"], "tag:egress-relay": ["autogroup:admin"]},
     "grants": [{"src": ["tag:egress-relay"], "dst": ["autogroup:internet"], "ip": ["*"]}],
+    "tests": policy_tests("tag:egress-exit", "tag:egress-relay"),
 }
 EXIT_NODE_TAILNET_IP = "100.101.102.103"
 EXIT_NODE_PUBLIC_IPV4 = "203.0.113.10"

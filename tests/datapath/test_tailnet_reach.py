@@ -218,8 +218,16 @@ class TestStackPolicy:
         assert f"{RELAY_TAG} -> autogroup:member:22" in out and "expected DENIED, got ALLOWED" in out, out
         assert f"{RELAY_TAG} -> {EXIT_TAG}:22" in out, out
 
+    @pytest.mark.parametrize(
+        "edit",
+        [
+            pytest.param({"src": [RELAY_TAG], "dst": ["*"], "ip": ["*"]}, id="everything"),
+            # A narrow edit, one port of members' devices (issue 19's example).
+            pytest.param({"src": [RELAY_TAG], "dst": ["autogroup:member"], "ip": ["tcp:8022"]}, id="members-8022"),
+        ],
+    )
     def test_a_hand_edit_of_the_live_policy_file_is_refused_and_the_laptop_stays_out_of_reach(
-        self, stack_tailnet: Tailnet
+        self, stack_tailnet: Tailnet, edit: dict[str, Any]
     ) -> None:
         """The write boundary itself: the edited file, reloaded (SIGHUP), fails its tests and is not applied."""
         net = stack_tailnet
@@ -227,7 +235,7 @@ class TestStackPolicy:
         assert path is not None
         original = path.read_text()
         opened = json.loads(original)
-        opened["grants"].append({"src": [RELAY_TAG], "dst": ["*"], "ip": ["*"]})
+        opened["grants"].append(edit)
         path.write_text(json.dumps(opened, indent=2))
         mark = len(headscale.log.read_text())
         try:
