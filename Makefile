@@ -1,31 +1,131 @@
 # tailscale-egress: one command to set up and test, one to deploy.
+#   make up STACK=<stack>     deploy your stack (the Pulumi CLI and credentials; no default stack)
 #   make test                 the fast suite: sets up .venv and the test tools, runs the unit tests
 #   make test-all             lint, the fast suite, the real data path, engine and single-node cluster (Linux, root)
-#   make up STACK=<name>      deploy a developer stack (needs the Pulumi CLI and credentials)
+#   make help                 every target, the user's first
 
 PYTHON ?= python3
-STACK ?= dev
+# No default: every developer names their own stack (`pulumi stack init <you>`),
+# so no target acts on a shared one by accident.
+STACK ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Deploying needs only requirements.txt, not the dev toolchain.
+DEPLOY_STAMP := $(VENV)/.deploy/.installed
+# The policy pack's own virtualenv (PulumiPolicy.yaml: virtualenv venv).
+POLICY_VENV := policy/venv
+POLICY_STAMP := $(POLICY_VENV)/.installed
 # Go as the machine images install it, in case it is not on PATH already.
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: help venv tools test lint datapath-bins test-datapath engine-bins cluster-api cluster-api-down test-engine bench-engine test-all render preview up destroy bench bench-datapath clean policy-venv lint-bins
+.DEFAULT_GOAL := help
+.PHONY: help venv deploy-venv tools test lint datapath-bins test-datapath engine-bins cluster-api cluster-api-down test-engine bench-engine test-all render preview up destroy bench bench-datapath clean policy-venv lint-bins need-stack need-stack-named need-pulumi
 
-# Every target with a "## " comment, with that comment.
+# Every target with a "## " comment, under its "##@ " group, in file order.
 help: ## this list
-	@echo "make <target> [STACK=<name>]  (STACK defaults to $(STACK))"
-	@awk -F ':.*## ' '/^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "make <target> [STACK=<stack>]  (the stack targets need STACK: yours, from pulumi stack init; there is no default)"
+	@awk 'BEGIN {FS = ":.*## "} /^##@ / {printf "\n%s\n", substr($$0, 5)} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+python_version_check = @$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is needed (found $$($(PYTHON) --version))"; exit 1; }
+
+##@ Deploy and use your stack (STACK=<stack>: yours, from `pulumi stack init <you>`)
+
+# Deploying needs the Pulumi CLI (https://www.pulumi.com/docs/install/) and the
+# credentials the README lists; the program checks them before creating anything.
+# In this order: the stack is named, the CLI is there (before anything is
+# installed), the program's requirements, the stack file checked offline (YAML
+# errors, unknown keys, bad values), then pulumi.
+check_stack_file = @$(PY) tools/check_stack_file.py Pulumi.$(STACK).yaml
+
+need-stack:
+	@[ -n "$(STACK)" ] || { echo "Name the stack to act on: make $(or $(MAKECMDGOALS),<target>) STACK=<stack>"; \
+		echo "(yours: pulumi stack ls; a new one: pulumi stack init <you>; there is no default stack)"; exit 2; } >&2
+
+# Destroy only a stack named on this command line, never one from the environment.
+need-stack-named:
+	@[ "$(origin STACK)" = "command line" ] && [ -n "$(STACK)" ] || { \
+		echo "make destroy removes everything a stack created: name it on the command line, make destroy STACK=<stack>"; \
+		exit 2; } >&2
+
+need-pulumi:
+	@command -v pulumi >/dev/null || { echo "The Pulumi CLI is not installed: see https://www.pulumi.com/docs/install/"; \
+		echo "To see every object the stack would create without it: make render STACK=$(STACK)"; exit 1; }
+
+up: need-stack need-pulumi $(DEPLOY_STAMP) ## deploy STACK (Pulumi CLI and credentials)
+	$(check_stack_file)
+	pulumi stack select --create $(STACK)
+	pulumi up --stack $(STACK)
+
+preview: need-stack need-pulumi $(DEPLOY_STAMP) $(POLICY_STAMP) ## show what make up would change in STACK, checked by the policy pack (Pulumi CLI)
+	$(check_stack_file)
+	pulumi stack select --create $(STACK)
+	pulumi preview --stack $(STACK) --diff --policy-pack policy
+
+# Never creates the stack it is asked to destroy.
+destroy: need-stack-named need-pulumi ## remove everything STACK created (Pulumi CLI; STACK on the command line)
+	pulumi destroy --stack $(STACK)
+
+# After `make up`: from a short-lived restricted probe pod in each protected
+# namespace, the exit IP through the proxies, no direct internet, host, LAN or
+# metadata, cluster DNS; the relay's exit node online. Needs kubectl; the stack's
+# outputs come from the Pulumi CLI. More flags: VERIFY_ARGS="--lan-ip 192.168.0.1"
+# (python tools/verify.py --help).
+.PHONY: verify
+verify: need-stack $(DEPLOY_STAMP) ## check STACK in the cluster from a probe pod: exit IP, no direct egress, DNS, relay (kubectl)
+	$(PY) tools/verify.py $(STACK) $(VERIFY_ARGS)
+
+render: need-stack $(DEPLOY_STAMP) ## write every object of STACK to build/render/STACK, no CLI or credentials
+	$(PY) tools/render.py $(STACK)
+
+# The whole promise on this machine with no account (Linux, root, cgroup v1):
+# the cluster and the topology, `pulumi up` through the real engine, then
+# make verify's table. It stays up until demo-down.
+.PHONY: demo demo-down
+demo: venv ## try it with no account: cluster, headscale, exit node, pulumi up, verify (Linux, root)
+	$(PY) tools/demo.py check
+	$(MAKE) engine-bins
+	bash scripts/install-test-tools.sh --cluster
+	$(PY) tools/demo.py up
+
+demo-down: venv ## remove everything make demo started (the cluster included), leave nothing behind
+	$(PY) tools/demo.py down
+
+##@ Set up
 
 $(STAMP): requirements.txt requirements-dev.txt
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is needed (found $$($(PYTHON) --version))"; exit 1; }
+	$(python_version_check)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	mkdir -p $(dir $(DEPLOY_STAMP)) && touch $(DEPLOY_STAMP)
 	touch $@
 
-venv: $(STAMP) ## create .venv from the pinned requirements
+venv: $(STAMP) ## create .venv with the program's and the dev tools' pinned requirements
+
+# What `make up`, `preview`, `render` and `verify` need: the program's pinned
+# requirements only (the full dev install also satisfies it).
+$(DEPLOY_STAMP): requirements.txt
+	$(python_version_check)
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	mkdir -p $(@D) && touch $@
+
+deploy-venv: $(DEPLOY_STAMP)
+
+# The policy pack's own virtualenv (PulumiPolicy.yaml: virtualenv venv), which
+# the engine runs the pack in.
+$(POLICY_STAMP): policy/requirements.txt
+	$(PYTHON) -m venv $(POLICY_VENV)
+	$(POLICY_VENV)/bin/pip install --quiet -r policy/requirements.txt
+	touch $@
+
+policy-venv: $(POLICY_STAMP) ## the policy pack's virtualenv (policy/venv), which make preview runs it in
+
+clean: ## remove build/ and the tools' caches
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache
+
+##@ Test
 
 NCA_VENV := build/tools/nca-venv
 NCA_STAMP := $(NCA_VENV)/.installed
@@ -54,22 +154,15 @@ lint: venv ## ruff check, ruff format --check, mypy --strict
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy .
 
-# tailscaled, tailscale, containerboot and headscale built from the Go module
-# proxy at pinned versions into ~/.cache/tailscale-egress (minutes the first
-# time, then reused); never into the repository.
-datapath-bins: ## build tailscaled, tailscale, containerboot, headscale into the cache
-	bash scripts/build-datapath-bins.sh
+# The same targets in this order; the engine's and the cluster's builds run
+# beside the data-path suite (scripts/test-all.sh says why).
+test-all: venv ## what CI runs: lint, the fast suite, the data path, the engine and the real cluster
+	bash scripts/test-all.sh
 
 # The real data path in network namespaces: needs Linux, root, Go and iptables.
 test-datapath: venv datapath-bins ## the real data path in network namespaces (Linux, root)
 	bash scripts/install-test-tools.sh --datapath
 	$(PY) -m pytest -m datapath tests/datapath -v
-
-# The real engine's programs (the Pulumi CLI, the Kubernetes provider plugin,
-# kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok) built the
-# same way into the same cache (about 20 minutes the first time, then reused).
-engine-bins: ## build the Pulumi CLI, the Kubernetes provider, the control plane and kwok into the cache
-	bash scripts/build-engine-bins.sh
 
 # A real control plane on loopback for the engine tests: build/engine/kubeconfig,
 # context tailscale-egress-test (admin), -alice and -bob (no rights).
@@ -85,31 +178,10 @@ test-engine: venv engine-bins ## the real Pulumi engine against a real API serve
 	bash scripts/install-test-tools.sh --engine
 	$(PY) -m pytest -m engine tests/engine -v
 
-bench-engine: venv engine-bins ## time pulumi preview and up of 1 and 20 namespaces against one ConfigMap
-	$(PY) tools/bench_engine.py
-
-# The same targets in this order; the engine's and the cluster's builds run
-# beside the data-path suite (scripts/test-all.sh says why).
-test-all: venv ## what CI runs: lint, the fast suite, the data path, the engine and the real cluster
-	bash scripts/test-all.sh
-
-render: venv ## write every object of STACK to build/render/STACK, no CLI or credentials
-	$(PY) tools/render.py $(STACK)
-
-bench: venv ## time evaluating the dev stack
-	$(PY) tools/bench.py
-
-bench-datapath: venv datapath-bins ## time the real data path
-	bash scripts/install-test-tools.sh --datapath
-	$(PY) tools/bench_datapath.py
-
 # A real single-node cluster (Linux, root, cgroup v1) in the data-path
 # topology: kubelet, containerd, kube-proxy, kube-router (k3s's fork) and
 # CoreDNS; build/cluster/kubeconfig, context tailscale-egress-e2e.
 .PHONY: cluster-bins cluster-up cluster-down test-cluster
-cluster-bins: ## build kube-router, CoreDNS, the probe, pause and the node's images into the cache
-	bash scripts/build-cluster-bins.sh
-
 cluster-up: venv ## build or reuse, then start the single-node cluster (with headscale and the exit node) and print what runs where
 	bash scripts/install-test-tools.sh --cluster
 	$(PY) -m tests.support.cluster_env up --tailnet
@@ -124,73 +196,42 @@ test-cluster: venv datapath-bins engine-bins ## the cluster's smoke tests and th
 	bash scripts/build-cluster-bins.sh
 	$(PY) -m pytest -m cluster tests/cluster -v
 
-.PHONY: bench-cluster
-bench-cluster: venv datapath-bins engine-bins ## benchmark the relay pod in the real cluster: direct, userspace and kernel-mode relay, 1/10/100 clients, its memory, where its CPU goes at each number of clients (about 5 min)
-	bash scripts/install-test-tools.sh --cluster
-	$(PY) tools/bench_cluster.py
+##@ Build the pinned third-party programs (into ${TS_EGRESS_CACHE:-~/.cache/tailscale-egress})
 
-# The whole promise on this machine with no account (Linux, root, cgroup v1):
-# the cluster and the topology, `pulumi up` through the real engine, then
-# make verify's table. It stays up until demo-down.
-.PHONY: demo demo-down
-demo: venv ## try it with no account: cluster, headscale, exit node, pulumi up, verify (Linux, root)
-	$(PY) tools/demo.py check
-	$(MAKE) engine-bins
-	bash scripts/install-test-tools.sh --cluster
-	$(PY) tools/demo.py up
+# tailscaled, tailscale, containerboot and headscale built from the Go module
+# proxy at pinned versions into ~/.cache/tailscale-egress (minutes the first
+# time, then reused); never into the repository.
+datapath-bins: ## build tailscaled, tailscale, containerboot, headscale into the cache
+	bash scripts/build-datapath-bins.sh
 
-demo-down: venv ## remove everything make demo started (the cluster included), leave nothing behind
-	$(PY) tools/demo.py down
+# The real engine's programs (the Pulumi CLI, the Kubernetes provider plugin,
+# kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok) built the
+# same way into the same cache (about 20 minutes the first time, then reused).
+engine-bins: ## build the Pulumi CLI, the Kubernetes provider, the control plane and kwok into the cache
+	bash scripts/build-engine-bins.sh
 
-# The policy pack's own virtualenv (PulumiPolicy.yaml: virtualenv venv), which
-# the engine runs the pack in.
-POLICY_VENV := policy/venv
-POLICY_STAMP := $(POLICY_VENV)/.installed
-$(POLICY_STAMP): policy/requirements.txt
-	$(PYTHON) -m venv $(POLICY_VENV)
-	$(POLICY_VENV)/bin/pip install --quiet -r policy/requirements.txt
-	touch $@
-
-policy-venv: $(POLICY_STAMP) ## the policy pack's virtualenv (policy/venv)
+# kube-router, CoreDNS, the probe, pause and the node's images for the cluster below.
+cluster-bins: ## build kube-router, CoreDNS, the probe, pause and the node's images into the cache
+	bash scripts/build-cluster-bins.sh
 
 # actionlint, which tests/test_workflow.py runs on .github/workflows, built
 # from the Go module proxy into the cache (seconds; then reused).
 lint-bins: ## build actionlint (the workflow linter) into the cache
 	bash scripts/build-lint-bins.sh
 
-# Deploying needs the Pulumi CLI (https://www.pulumi.com/docs/install/) and the
-# credentials the README lists; the program checks them before creating anything.
-# The stack file checked offline first: YAML errors, unknown keys, bad values.
-check_stack_file = @$(PY) tools/check_stack_file.py Pulumi.$(STACK).yaml
+##@ Benchmarks
 
-define pulumi_stack
-	@command -v pulumi >/dev/null || { echo "The Pulumi CLI is not installed: see https://www.pulumi.com/docs/install/"; \
-		echo "To see every object the stack would create without it: make render STACK=$(STACK)"; exit 1; }
-	pulumi stack select --create $(STACK)
-endef
+bench: venv ## time evaluating the dev stack
+	$(PY) tools/bench.py
 
-preview: venv policy-venv ## show what pulumi up would change in STACK, checked by the policy pack (Pulumi CLI)
-	$(check_stack_file)
-	$(pulumi_stack)
-	pulumi preview --diff --policy-pack policy
+bench-datapath: venv datapath-bins ## time the real data path
+	bash scripts/install-test-tools.sh --datapath
+	$(PY) tools/bench_datapath.py
 
-up: venv ## deploy STACK (Pulumi CLI and credentials)
-	$(check_stack_file)
-	$(pulumi_stack)
-	pulumi up
+bench-engine: venv engine-bins ## time pulumi preview and up of 1 and 20 namespaces against one ConfigMap
+	$(PY) tools/bench_engine.py
 
-destroy: venv ## remove everything STACK created (Pulumi CLI)
-	$(pulumi_stack)
-	pulumi destroy
-
-# After `make up`: from a short-lived restricted probe pod in each protected
-# namespace, the exit IP through the proxies, no direct internet, host, LAN or
-# metadata, cluster DNS; the relay's exit node online. Needs kubectl; the stack's
-# outputs come from the Pulumi CLI. More flags: VERIFY_ARGS="--lan-ip 192.168.0.1"
-# (python tools/verify.py --help).
-.PHONY: verify
-verify: venv ## check STACK in the cluster from a probe pod: exit IP, no direct egress, DNS, relay (kubectl)
-	$(PY) tools/verify.py $(STACK) $(VERIFY_ARGS)
-
-clean: ## remove build/ and the tools' caches
-	rm -rf build .pytest_cache .mypy_cache .ruff_cache
+.PHONY: bench-cluster
+bench-cluster: venv datapath-bins engine-bins ## benchmark the relay pod in the real cluster: direct, userspace and kernel-mode relay, 1/10/100 clients, its memory, where its CPU goes at each number of clients (about 5 min)
+	bash scripts/install-test-tools.sh --cluster
+	$(PY) tools/bench_cluster.py
