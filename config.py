@@ -464,6 +464,14 @@ def unknown_key_problems(keys: Iterable[str]) -> list[str]:
         if namespace == PROJECT:
             if key in known:
                 continue
+            section = key.split(".", 1)[0]
+            if "." in key and section in known:
+                # `pulumi config set exitNode.location hel1` stores the literal key "exitNode.location".
+                problems.append(
+                    f"{full}: a nested key needs --path; remove this one and set it again with:"
+                    f" pulumi config rm '{key}' && pulumi config set --path '{key}' <value>"
+                )
+                continue
             guess = _closest(key, known)
             hint = f"did you mean {PROJECT}:{guess}?" if guess else f"the keys are {', '.join(known)}"
             problems.append(f"{full}: unknown key; {hint} (see the README's configuration reference)")
@@ -474,6 +482,15 @@ def unknown_key_problems(keys: Iterable[str]) -> list[str]:
                 f" (this program reads only {PROJECT}:<key>)"
             )
     return problems
+
+
+# How a list key looks, for the message when a single value is given instead.
+_LIST_EXAMPLES: Final = {
+    "protectedNamespaces": "[default, team-a]",
+    "sshAllowedCidrs": "[203.0.113.7/32]",
+    "existingPublicIps": "[203.0.113.10]",
+    "controlPlaneCidrs": "[198.51.100.0/24]",
+}
 
 
 def parse_config(raw: Mapping[str, Any], also: Iterable[str] = ()) -> StackConfig:
@@ -489,6 +506,9 @@ def parse_config(raw: Mapping[str, Any], also: Iterable[str] = ()) -> StackConfi
         for e in err.errors():
             loc = tuple(p for p in e["loc"] if p not in ("function-after", "function-before"))
             msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "list_type":
+                example = _LIST_EXAMPLES.get(str(loc[-1]), "[a, b]")
+                msg = f"must be a list, such as {example} (in YAML: [a, b], or one '- item' a line)"
             if e["type"] == "extra_forbidden":
                 guess = _closest(str(loc[-1]), _keys_at(loc[:-1]))
                 hint = f"did you mean {_key_of((*loc[:-1], guess))}? " if guess else ""

@@ -11,7 +11,8 @@ from typing import Any
 import pulumi
 import pytest
 
-from config import ConfigError, StackConfig, parse_config
+from builders.tailnet_policy import policy_tests
+from config import ConfigError, StackConfig, check_config, parse_config
 from preflight import PreflightError, protected_namespace_problems
 from tests.stacks import dev_config, pinned_config, repo_path, with_config
 from tools.check_stack_file import main as check_stack_file_main
@@ -187,6 +188,7 @@ def test_a_legacy_acl_rule_to_the_internet_satisfies_the_policy_check() -> None:
     policy = {
         "tagOwners": {"tag:egress-exit": ["autogroup:admin"], "tag:egress-relay": ["autogroup:admin"]},
         "acls": [{"action": "accept", "src": ["tag:egress-relay"], "dst": ["autogroup:internet:*"]}],
+        "tests": policy_tests("tag:egress-exit", "tag:egress-relay"),
     }
     assert evaluate(dev_config(), "ok", fakes=FakeProviders(policy=policy)).error is None
 
@@ -384,3 +386,36 @@ def test_a_pod_security_label_of_another_value_is_refused_and_the_same_value_is_
         " pod-security.kubernetes.io/enforce=restricted) or remove it (kubectl label namespace team-a"
         " pod-security.kubernetes.io/enforce-), then run again"
     )
+
+
+# What a newcomer typed: each message says what to type instead.
+
+
+def test_a_nested_key_set_without_path_names_the_command_with_path() -> None:
+    # `pulumi config set exitNode.location hel1` stores the literal key "exitNode.location".
+    with pytest.raises(ConfigError) as err:
+        check_config({"tailscale-egress:exitNode.location": "hel1"})
+    assert (
+        "tailscale-egress:exitNode.location: a nested key needs --path; remove this one and set it again with:"
+        " pulumi config rm 'exitNode.location' && pulumi config set --path 'exitNode.location' <value>"
+    ) in str(err.value)
+    assert "did you mean" not in str(err.value)
+
+
+def test_a_single_namespace_where_a_list_belongs_is_shown_as_a_list() -> None:
+    with pytest.raises(ConfigError) as err:
+        check_config({"tailscale-egress:cluster": {"protectedNamespaces": "default"}})
+    message = str(err.value)
+    assert (
+        "tailscale-egress:cluster.protectedNamespaces = 'default': must be a list, such as [default, team-a]" in message
+    )
+    assert "Input should be" not in message
+
+
+def test_render_of_a_stack_without_a_stack_file_says_how_to_create_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from tools import render
+
+    assert render.main(["no-such-stack"]) == 2
+    err = capsys.readouterr().err
+    assert "pulumi stack init no-such-stack" in err
+    assert "cp Pulumi.dev.yaml Pulumi.no-such-stack.yaml" in err

@@ -136,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = evaluate_stack_file(args.stack, args.config_file)
     except StackInputError as err:
         print(f"render: {err}", file=sys.stderr)
+        if err.missing:
+            # A newcomer's first render: say how to get a stack file.
+            print(
+                f"render: create it with `pulumi stack init {args.stack}` (then `pulumi config set --path ...`),"
+                f" or copy the example: cp Pulumi.dev.yaml Pulumi.{args.stack}.yaml",
+                file=sys.stderr,
+            )
         return 2 if err.missing else 1
     out = args.out or ROOT / "build" / "render" / args.stack
     write_render(evaluation, out)
