@@ -222,16 +222,16 @@ lint-bins: ## build actionlint (the workflow linter) into the cache
 ##@ Benchmarks
 
 bench: venv ## time evaluating the dev stack
-	$(PY) tools/bench.py
+	$(PY) devtools/bench.py
 
 bench-datapath: venv datapath-bins ## time the real data path
 	bash scripts/install-test-tools.sh --datapath
-	$(PY) tools/bench_datapath.py
+	$(PY) devtools/bench_datapath.py
 
 bench-engine: venv engine-bins ## time pulumi preview and up of 1 and 20 namespaces against one ConfigMap
-	$(PY) tools/bench_engine.py
+	$(PY) devtools/bench_engine.py
 
 .PHONY: bench-cluster
 bench-cluster: venv datapath-bins engine-bins ## benchmark the relay pod in the real cluster: direct, userspace and kernel-mode relay, 1/10/100 clients, its memory, where its CPU goes at each number of clients (about 5 min)
 	bash scripts/install-test-tools.sh --cluster
-	$(PY) tools/bench_cluster.py
+	$(PY) devtools/bench_cluster.py

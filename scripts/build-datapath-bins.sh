@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the real programs used by the data-path tests (tests/datapath/) and
-# tools/bench_datapath.py into a cache OUTSIDE the repository.
+# devtools/bench_datapath.py into a cache OUTSIDE the repository.
 #
 #   tailscale.com     cmd/tailscaled, cmd/tailscale, cmd/containerboot
 #   headscale         cmd/headscale (open control server, sqlite, embedded DERP)

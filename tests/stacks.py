@@ -7,7 +7,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tools.mockstack import ROOT, Evaluation, evaluate, stack_file_config
+from devtools.mockstack import ROOT, Evaluation, evaluate, stack_file_config
 from tools.render import manifests
 
 DEV_STACK_FILE = ROOT / "Pulumi.dev.yaml"

@@ -19,9 +19,9 @@ from builders.admission import DEPLOYER_PLACEHOLDER, cel_string, opening_egress_
 from builders.names import StackNames
 from components.admission_guard import OWN_POLICY_NAME, deployer_username, opening_policies
 from config import ClusterConfig
+from devtools.mockstack import PROJECT, Evaluation, evaluate
 from preflight import OFFLINE_ENV, PreflightError
 from tests.stacks import dev, dev_config, kube_objects, pinned, pinned_config, with_config
-from tools.mockstack import PROJECT, Evaluation, evaluate
 
 Manifest = dict[str, Any]
 VAP = "ValidatingAdmissionPolicy"

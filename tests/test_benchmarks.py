@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools import cpu_profile
+from devtools import cpu_profile
 
 TRACES = """\
 File: tailscaled

@@ -10,8 +10,8 @@ from typing import Any
 import pulumi
 import pytest
 
+from devtools.mockstack import Evaluation, FakeProviders, evaluate
 from tests.stacks import RELAY_AUTH_KEY, cluster_only_config, kube_objects, with_config
-from tools.mockstack import Evaluation, FakeProviders, evaluate
 
 
 class NoCloud(FakeProviders):

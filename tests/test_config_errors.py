@@ -13,10 +13,10 @@ import pytest
 
 from builders.tailnet_policy import policy_tests
 from config import ConfigError, StackConfig, check_config, parse_config
+from devtools.mockstack import FakeProviders, evaluate
 from preflight import PreflightError, protected_namespace_problems
 from tests.stacks import dev_config, pinned_config, repo_path, with_config
 from tools.check_stack_file import main as check_stack_file_main
-from tools.mockstack import FakeProviders, evaluate
 
 
 def refused(config: dict[str, Any], **kwargs: Any) -> str:

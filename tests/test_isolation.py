@@ -11,11 +11,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from builders.networks import TAILSCALE_CONTROL_PLANE_CIDRS
+from devtools.mockstack import Evaluation
 from tests.stacks import dev, kube_objects, pinned, pinned_config, public
 from tests.support import netpol
 from tests.support.cluster import Cluster, cluster_for
 from tests.support.nca import Connections, ConnectivityMap, connectivity
-from tools.mockstack import Evaluation
 
 STACKS = {"dev": dev, "pinned": pinned, "public": public}
 

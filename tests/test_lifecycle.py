@@ -11,8 +11,8 @@ import yaml
 
 from builders.cloud_init import LOGOUT_UNIT, logout_script, logout_unit
 from builders.names import StackNames
+from devtools.mockstack import Evaluation, FakeProviders, Registration, evaluate
 from tests.stacks import dev, dev_config, kube_objects, pinned, with_config
-from tools.mockstack import Evaluation, FakeProviders, Registration, evaluate
 
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
 POLICY = "kubernetes:networking.k8s.io/v1:NetworkPolicy"
@@ -172,7 +172,7 @@ def test_a_new_exit_node_key_means_a_new_vm_with_a_new_hostname() -> None:
     (server,) = dev().of_type(SERVER)
     (exit_key,) = [r for r in dev().of_type("tailscale:index/tailnetKey:TailnetKey") if "exit" in r.name]
     # The fake key ID is derived from the key's resource name; the hostname carries it.
-    key_id = "k" + __import__("tools.mockstack", fromlist=["_short_hash"])._short_hash(exit_key.name)
+    key_id = "k" + __import__("devtools.mockstack", fromlist=["_short_hash"])._short_hash(exit_key.name)
     assert server.plain()["name"].endswith(key_id[-8:].lower())
     assert dev().outputs["exitNodeHostname"] == server.plain()["name"]
 

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 
 from builders.node_guard import guard_namespace
+from devtools.mockstack import Evaluation
 from tests.stacks import dev, kube_objects, pinned, pinned_config
 from tests.support.kube import (
     applied_objects,
@@ -24,7 +25,6 @@ from tests.support.kube import (
     pod_templates,
 )
 from tests.support.pod_security import violations
-from tools.mockstack import Evaluation
 
 Manifest = dict[str, Any]
 STACKS: dict[str, Callable[[], Evaluation]] = {"dev": dev, "pinned": pinned}

@@ -16,10 +16,10 @@ import pytest
 
 from builders.node_guard import chain_name
 from config import ConfigError, parse_config
+from devtools.mockstack import Evaluation, evaluate
 from tests.stacks import dev, dev_config, kube_objects, with_config
 from tests.support.kube import applied_objects
 from tests.support.tools import executable
-from tools.mockstack import Evaluation, evaluate
 
 Manifest = dict[str, Any]
 GUARD_NS = "tailscale-egress-node-guard"

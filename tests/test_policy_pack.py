@@ -37,11 +37,11 @@ from builders.network_policies import Destination, RelayEgress, network_policy, 
 from builders.proxy_env import proxy_configmap
 from builders.relay import RelaySettings, relay_deployment
 from components.exit_node import firewall_rules
+from devtools import policy_check
+from devtools.mockstack import Evaluation, evaluate
+from devtools.policy_check import PROJECT_URN, SECRET_SIG, SECRET_VALUE, Res, Stack, analyze
 from policy import guardrails
 from tests.stacks import dev, dev_config, pinned, pinned_config, with_config
-from tools import policy_check
-from tools.mockstack import Evaluation, evaluate
-from tools.policy_check import PROJECT_URN, SECRET_SIG, SECRET_VALUE, Res, Stack, analyze
 
 
 class Variant(Stack):

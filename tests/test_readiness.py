@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
+from devtools.mockstack import Evaluation
 from tests.stacks import dev, pinned
 from tests.support.kube import applied_objects
-from tools.mockstack import Evaluation
 
 OTHER_PEER_IP = "100.64.0.9"
 

@@ -12,8 +12,8 @@ import pytest
 
 from builders.network_policies import relay_egress
 from builders.networks import TAILSCALE_CONTROL_PLANE_CIDRS
+from devtools.mockstack import evaluate
 from tests.stacks import dev_config, kube_objects, with_config
-from tools.mockstack import evaluate
 
 # The exit node's public IPs, as Hetzner reports them (the fakes').
 EXIT_NODE: list[tuple[str, str, int | None]] = [("2001:db8:1::1/128", "UDP", 41641), ("203.0.113.10/32", "UDP", 41641)]

@@ -14,8 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from devtools.mockstack import Evaluation
 from tests.stacks import dev, pinned, pinned_config, repo_path
-from tools.mockstack import Evaluation
 from tools.render import main as render_main
 from tools.render import write_render
 

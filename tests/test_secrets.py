@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from devtools.mockstack import Evaluation, Registration
 from tests.stacks import dev, kube_objects, pinned
-from tools.mockstack import Evaluation, Registration
 from tools.render import write_render
 
-# The fakes mint keys that contain this marker (tools/mockstack.py).
+# The fakes mint keys that contain this marker (devtools/mockstack.py).
 FAKE_KEY_MARKER = "MOCKSECRET"
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from builders.tailnet_policy import merged_policy, policy_problems
 from components.tailnet_access import relay_key_generation
+from devtools.mockstack import PERMISSIVE_POLICY, FakeProviders, evaluate
 from tests.stacks import dev, dev_config, kube_objects, with_config
-from tools.mockstack import PERMISSIVE_POLICY, FakeProviders, evaluate
 
 KEY = "tailscale:index/tailnetKey:TailnetKey"
 

@@ -26,8 +26,8 @@ from builders.tailnet_policy import (
     relay_offences,
     required_policy,
 )
+from devtools.mockstack import FakeProviders, evaluate
 from tests.stacks import dev_config, with_config
-from tools.mockstack import FakeProviders, evaluate
 
 EXIT, RELAY = "tag:egress-exit", "tag:egress-relay"
 OWNERS = {EXIT: ["autogroup:admin"], RELAY: ["autogroup:admin"]}

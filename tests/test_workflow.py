@@ -1,6 +1,6 @@
 """The pull-request workflow (.github/workflows/preview.yml): linted with
-actionlint, pinned, least-privilege, and its own logic (tools/render_diff.py,
-tools/policy_check.py) run against recorded renders and real ones."""
+actionlint, pinned, least-privilege, and its own logic (devtools/render_diff.py,
+devtools/policy_check.py) run against recorded renders and real ones."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
+from devtools import policy_check, render_diff
+from devtools.mockstack import evaluate
 from tests.stacks import dev_config, repo_path, with_config
 from tests.support.tools import executable
-from tools import policy_check, render_diff
-from tools.mockstack import evaluate
 from tools.render import write_render
 
 WORKFLOWS = repo_path(".github", "workflows")
@@ -126,8 +126,8 @@ def test_the_kubernetes_part_is_excluded_from_the_preview_and_shown_by_the_rende
     (urn_step,) = [s for s in steps("preview") if s.get("id") == "exclude"]
     assert "::tailscale-egress::pulumi:providers:kubernetes::cluster" in urn_step["run"]
     runs = "\n".join(str(s.get("run", "")) for s in steps("render"))
-    assert "tools/render_diff.py --base HEAD^1" in runs
-    assert "tools/policy_check.py" in runs
+    assert "devtools/render_diff.py --base HEAD^1" in runs
+    assert "devtools/policy_check.py" in runs
     assert "GITHUB_STEP_SUMMARY" in runs
 
 
@@ -146,11 +146,11 @@ def test_the_make_targets_and_scripts_the_workflow_runs_exist() -> None:
     for target in re.findall(r"\bmake ([\w -]+)", runs):
         for name in target.split():
             assert re.search(rf"^{re.escape(name)}:", makefile, flags=re.MULTILINE), f"make {name}"
-    for script in re.findall(r"tools/\w+\.py", runs):
+    for script in re.findall(r"(?<![\w/])(?:dev)?tools/\w+\.py", runs):
         assert repo_path(script).is_file(), script
 
 
-# --- tools/render_diff.py on recorded renders ---
+# --- devtools/render_diff.py on recorded renders ---
 
 
 def test_the_recorded_change_shows_each_added_and_changed_object_with_its_diff() -> None:
@@ -211,7 +211,7 @@ def test_a_diff_holding_backticks_gets_a_longer_fence() -> None:
     assert "````diff" in text and "\n````\n" in text
 
 
-# --- tools/render_diff.py on real renders of two configs ---
+# --- devtools/render_diff.py on real renders of two configs ---
 
 
 def render(config: dict[str, Any], out: Path) -> render_diff.Render:
@@ -271,7 +271,7 @@ def test_the_stacks_list_is_json_for_the_matrix(capsys: pytest.CaptureFixture[st
     assert render_diff.stack_file_name("acme/tailscale-egress/alice") == "Pulumi.alice.yaml"
 
 
-# --- tools/policy_check.py, the pack over each rendered stack ---
+# --- devtools/policy_check.py, the pack over each rendered stack ---
 
 
 def test_policy_check_passes_the_dev_stack_and_refuses_a_bad_stack_file(

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import ConfigError, check_config
-from tools.mockstack import StackFileError, stack_file_config
+from devtools.mockstack import StackFileError, stack_file_config
 
 
 def main(argv: list[str] | None = None) -> int:

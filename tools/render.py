@@ -26,7 +26,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.mockstack import ROOT, Evaluation, Registration, StackInputError, evaluate_stack_file, stack_arguments
+from devtools.mockstack import ROOT, Evaluation, Registration, StackInputError, evaluate_stack_file, stack_arguments
 
 _PATCH = "kubernetes:core/v1:NamespacePatch"
 _KINDS = {

@@ -856,7 +856,7 @@ def stack_cluster_settings(stack: str, runner: Runner = subprocess_runner) -> di
         if isinstance(value, str):
             value = json.loads(value)
         return value if isinstance(value, dict) else {}
-    from tools.mockstack import StackFileError, stack_file_config
+    from devtools.mockstack import StackFileError, stack_file_config
 
     path = ROOT / f"Pulumi.{stack}.yaml"
     if not path.is_file():

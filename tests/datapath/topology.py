@@ -1,6 +1,6 @@
 """Network-namespace topology running the REAL data-path programs.
 
-Used by the pytest suite in this directory and by tools/bench_datapath.py.
+Used by the pytest suite in this directory and by devtools/bench_datapath.py.
 
 Namespaces (names prefixed per run: ``tse<pid>x<rand>-<role>``) hang off one
 router namespace ``rt`` with one veth link each; nothing has a route to

@@ -33,11 +33,11 @@ from builders.relay import RELAY_NAME
 from components.admission_guard import OWN_POLICY_NAME, check_existing_policies, deployer_username
 from components.egress_relay import AUTH_SECRET_NAME
 from config import ClusterConfig
+from devtools.mockstack import PROJECT, Evaluation, evaluate
 from preflight import OFFLINE_ENV, PreflightError
 from tests.stacks import RELAY_AUTH_KEY, cluster_only_config, kube_objects, with_config
 from tests.support.apiserver import Cluster
 from tests.test_admission_guard import OPENING, ORDINARY, network_policy
-from tools.mockstack import PROJECT, Evaluation, evaluate
 
 pytestmark = pytest.mark.engine
 

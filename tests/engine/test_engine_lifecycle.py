@@ -18,10 +18,10 @@ import yaml
 from pulumi import automation as auto
 
 from builders.names import StackNames
+from devtools.mockstack import evaluate
 from tests.stacks import RELAY_AUTH_KEY, cluster_only_config_on, with_config
 from tests.support.apiserver import Cluster
 from tests.support.engine import Engine, events_of, export_state
-from tools.mockstack import evaluate
 from tools.render import write_render
 
 pytestmark = pytest.mark.engine

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from builders.node_guard import guard_namespace
+from devtools.mockstack import Evaluation
 from tests.stacks import kube_objects
-from tools.mockstack import Evaluation
 
 Manifest = dict[str, Any]
 

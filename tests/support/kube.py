@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from tools.mockstack import Evaluation, Registration
+from devtools.mockstack import Evaluation, Registration
 from tools.render import manifest_of
 
 Manifest = dict[str, Any]

@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
+from devtools.mockstack import ROOT
 from tests.support.tools import executable
-from tools.mockstack import ROOT
 
 NCA_VENV = ROOT / "build" / "tools" / "nca-venv"
 INSTALL = (

@@ -4,7 +4,7 @@ Needs root and the binaries of scripts/build-datapath-bins.sh (run first).
 Uses tests/datapath/topology.py and the relay Deployment rendered by
 tools/render.py (or TSE_DATAPATH_MANIFESTS, see topology.Topology.render).
 
-    sudo python tools/bench_datapath.py [--requests 200] [--keep-logs]
+    sudo python devtools/bench_datapath.py [--requests 200] [--keep-logs]
 
 Measures (a) relay netns -> internet directly (no tailscale),
 (b) workload -> relay proxies (HTTP CONNECT / SOCKS5) -> exit node -> internet,

@@ -1,8 +1,8 @@
 """What a pull request changes in each stack's rendered objects, as markdown.
 
-    python tools/render_diff.py --base <git rev> [--stacks-file .github/preview-stacks] [--out build/render-diff]
-    python tools/render_diff.py --compare <base render dir> <head render dir> --stack <name>
-    python tools/render_diff.py --list-stacks [--stacks-file .github/preview-stacks]
+    python devtools/render_diff.py --base <git rev> [--stacks-file .github/preview-stacks] [--out build/render-diff]
+    python devtools/render_diff.py --compare <base render dir> <head render dir> --stack <name>
+    python devtools/render_diff.py --list-stacks [--stacks-file .github/preview-stacks]
 
 A laptop's cluster is unreachable from CI, so the pull-request workflow shows
 the Kubernetes part of a change this way: `tools/render.py` (deterministic,

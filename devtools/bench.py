@@ -21,8 +21,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from devtools.mockstack import evaluate
 from tests.stacks import dev_config, with_config
-from tools.mockstack import evaluate
 
 RUNS = 5
 MAX_RATIO = 2.0

@@ -16,7 +16,7 @@ never the limit):
                        proxy behind a Service, from the direct pod
   kernel routed        a client container in the kernel-mode relay's pod: its
                        traffic routed through tailscale0, no proxy hop (what
-                       tools/bench_datapath.py compares with)
+                       devtools/bench_datapath.py compares with)
 
 Each with 1, 10 and 100 concurrent clients (`probe load`): a 64 MiB download
 split across the clients, and small HTTPS requests, each on a fresh
@@ -27,11 +27,11 @@ working set sampled every 0.2 s) against its limit, and the CPU time of the
 relay, the exit node, the server and the client per cell, which says what
 dominates; then each relay's own CPU profile while downloads run through
 its HTTP CONNECT proxy, at each number of clients, by component
-(tools/cpu_profile.py), which says what inside the relay. Results also go
+(devtools/cpu_profile.py), which says what inside the relay. Results also go
 to build/bench-cluster.json, the profiles to build/bench-cluster-profiles/
 (for `go tool pprof`).
 
-    sudo .venv/bin/python tools/bench_cluster.py [--runs 5] [--paths ...]
+    sudo .venv/bin/python devtools/bench_cluster.py [--runs 5] [--paths ...]
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from builders.relay import (  # noqa: E402
     RelaySettings,
     relay_container,
 )
+from devtools import cpu_profile  # noqa: E402
 from tests.datapath.topology import ECHO_NAME, EXIT_PUBLIC_IP  # noqa: E402
 from tests.support.cgroups import Cgroup, CgroupError, pod_cgroup  # noqa: E402
 from tests.support.cluster_env import (  # noqa: E402
@@ -92,7 +93,6 @@ from tests.support.deployment import (  # noqa: E402
     stop_process,
     wait,
 )
-from tools import cpu_profile  # noqa: E402
 
 RUNS = 5  # a 64 MiB download lasts under a second here: 3 runs left the ratios swinging by 0.3
 CONCURRENCY = (1, 10, 100)
@@ -676,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     report(data)
-    print(f"results: {RESULTS} (print them again: tools/bench_cluster.py --report {RESULTS})")
+    print(f"results: {RESULTS} (print them again: devtools/bench_cluster.py --report {RESULTS})")
     return 0
 
 

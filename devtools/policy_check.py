@@ -1,6 +1,6 @@
 """Run the policy pack over a stack without the Pulumi CLI, credentials or a cluster.
 
-    python tools/policy_check.py <stack> [--config-file Pulumi.<stack>.yaml]
+    python devtools/policy_check.py <stack> [--config-file Pulumi.<stack>.yaml]
 
 The program is evaluated under mocks (as `make render` does) and every
 resource it registers, with the stack's outputs, goes through pulumi-policy's
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pulumi_policy.policy import _PolicyAnalyzerServicer  # the service the engine talks to
 
+from devtools.mockstack import Evaluation, StackInputError, evaluate_stack_file, stack_arguments
 from policy import guardrails
-from tools.mockstack import Evaluation, StackInputError, evaluate_stack_file, stack_arguments
 
 SECRET_SIG = "4dabf18193072939515e22adb298388d"
 SECRET_VALUE = "1b47061264138c4ac30d75fd1eb44270"
