@@ -14,7 +14,24 @@ can pre-empt them:
   dropped (replies and errors for connections that exist pass: conntrack
   has classified the packet by then, mangle runs after it);
 - from the pod range, new TCP/UDP to the node's own addresses (any address
-  type LOCAL, whatever interface) on the NodePort range is dropped.
+  type LOCAL, whatever interface) on the NodePort range is dropped;
+- IPv6 entering from a pod interface (one holding an address of a pod range:
+  the CNI bridge `cni0`, the overlay) is dropped unless it is neighbour
+  discovery or comes from the cluster's own IPv6 pod range (dual-stack) to a
+  non-link-local, non-multicast address. Policies, kube-router's included,
+  know pods by their cluster addresses only; every pod also has an `fe80::`
+  address on the bridge, through which, on a single-stack cluster (Rancher
+  Desktop's default), it reached other namespaces' pods, the relay and the
+  node's own services past every policy (issue 19). Bridged pod-to-pod frames
+  reach ip6tables through br_netfilter (`bridge-nf-call-ip6tables`, on by
+  default); the guard logs when it is off;
+- after routing (mangle FORWARD), new ICMP from the pod range must leave by a
+  pod interface: ICMP to an unused pod or service address otherwise follows
+  the node's default route out of the node.
+
+The pod interfaces are found on the node (`ip -o addr show to <pod range>`)
+at every check, so that a bridge made after the guard started (the CNI makes
+it with the node's first pod) is guarded within CHECK_INTERVAL_SECONDS.
 
 The rules go into the iptables backend the node's kube-router uses (legacy
 or nft): the other one may be missing from the node's kernel (nft-only
@@ -55,6 +72,17 @@ PRIVILEGED_LABELS: Final = {
 XTABLES_LOCK: Final = "/run/xtables.lock"
 
 Rule = tuple[int, tuple[str, ...]]  # (IP family, iptables arguments after "-A <chain>")
+# (IP family, chain, arguments): a rule of one of the guard's chains, or a jump
+# from PREROUTING or FORWARD (inserted at the top, in order).
+Line = tuple[int, str, tuple[str, ...]]
+# In a line's arguments: the line stands once for each pod interface found on the node.
+POD_INTERFACE: Final = "@IF@"
+LINK_SUFFIX: Final = "-LINK"
+FORWARD_SUFFIX: Final = "-FWD"
+# Neighbour discovery is all the IPv6 a pod needs on a single-stack cluster's
+# link (and what a dual-stack pod needs to find its gateway); the kernel
+# answers it, no service does.
+NEIGHBOUR_DISCOVERY: Final = ("neighbour-solicitation", "neighbour-advertisement")
 
 
 def guard_namespace(relay_namespace: str) -> str:
@@ -65,17 +93,27 @@ def guard_namespace(relay_namespace: str) -> str:
 
 def chain_name(namespace: str) -> str:
     """The guard's own chain, per stack: a stack that is destroyed removes its
-    chain only, never another stack's. (iptables chain names: <= 28 chars.)"""
+    chains only, never another stack's. (iptables chain names: <= 28 chars;
+    the link and forward chains add a suffix of at most 5.)"""
     return "TSE-GUARD-" + hashlib.sha256(namespace.encode()).hexdigest()[:8].upper()
+
+
+def chain_names(chain: str) -> tuple[str, str, str]:
+    """(pod ranges, pod links, routed ICMP): the guard's three chains."""
+    return chain, chain + LINK_SUFFIX, chain + FORWARD_SUFFIX
 
 
 def _family(cidr: str) -> int:
     return ipaddress.ip_network(cidr, strict=False).version
 
 
+def _net(cidr: str) -> str:
+    return str(ipaddress.ip_network(cidr, strict=False))
+
+
 def guard_jumps(pod_cidrs: Sequence[str]) -> list[Rule]:
     """The PREROUTING jumps into the guard chain: only traffic from pods."""
-    return [(_family(c), ("-s", str(ipaddress.ip_network(c)))) for c in pod_cidrs]
+    return [(_family(c), ("-s", _net(c))) for c in pod_cidrs]
 
 
 def guard_rules(
@@ -92,7 +130,7 @@ def guard_rules(
             rules.append((family, (*to_node_port, *not_a_reply, "-j", "DROP")))
         for cidr in cluster_cidrs:
             if _family(cidr) == family:
-                rules.append((family, ("-d", str(ipaddress.ip_network(cidr)), "-j", "RETURN")))
+                rules.append((family, ("-d", _net(cidr), "-j", "RETURN")))
         if family == 6:
             # Neighbour discovery and other link-local ICMPv6 never leave the node's link.
             rules += [(6, ("-d", "fe80::/10", "-j", "RETURN")), (6, ("-d", "ff00::/8", "-j", "RETURN"))]
@@ -101,23 +139,74 @@ def guard_rules(
     return rules
 
 
-def _lines(rules: Sequence[Rule]) -> str:
-    return "\n".join(f"{family} {' '.join(args)}" for family, args in rules)
+def link_rules(pod_cidrs: Sequence[str]) -> list[tuple[str, ...]]:
+    """The IPv6 chain for what enters from a pod interface: replies, neighbour
+    discovery and, on a dual-stack cluster, the pods' own IPv6 addresses
+    (kube-router's policies see those) to anything but link-local and
+    multicast addresses; nothing else. No policy sees a pod's `fe80::` address."""
+    # Replies to what the node itself opened (a pod cannot open anything through here).
+    rules: list[tuple[str, ...]] = [("-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN")]
+    rules += [("-p", "ipv6-icmp", "--icmpv6-type", kind, "-j", "RETURN") for kind in NEIGHBOUR_DISCOVERY]
+    # Even from a pod's cluster address: policies know a peer by its cluster address, never by fe80::.
+    rules += [("-d", "fe80::/10", "-j", "DROP"), ("-d", "ff00::/8", "-j", "DROP")]
+    rules += [("-s", _net(c), "-j", "RETURN") for c in pod_cidrs if _family(c) == 6]
+    rules.append(("-j", "DROP"))
+    return rules
+
+
+def forward_rules() -> list[tuple[str, ...]]:
+    """The chain for ICMP from pods after routing: a reply, or out by a pod interface."""
+    return [
+        ("-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"),
+        ("-o", POD_INTERFACE, "-j", "RETURN"),
+        ("-j", "DROP"),
+    ]
+
+
+def guard_lines(
+    chain: str,
+    pod_cidrs: Sequence[str],
+    cluster_cidrs: Sequence[str],
+    node_ports: tuple[int, int] = NODE_PORT_RANGE,
+) -> list[Line]:
+    """Every rule the guard keeps: its chains' first, then the jumps into them."""
+    main, link, forward = chain_names(chain)
+    families = sorted({_family(c) for c in pod_cidrs})
+    lines: list[Line] = [(f, main, args) for f, args in guard_rules(pod_cidrs, cluster_cidrs, node_ports)]
+    lines += [(6, link, args) for args in link_rules(pod_cidrs)]
+    lines += [(f, forward, args) for f in families for args in forward_rules()]
+    lines += [(f, "PREROUTING", (*args, "-j", main)) for f, args in guard_jumps(pod_cidrs)]
+    lines.append((6, "PREROUTING", ("-i", POD_INTERFACE, "-j", link)))
+    for c in pod_cidrs:
+        icmp = "icmp" if _family(c) == 4 else "ipv6-icmp"
+        lines.append((_family(c), "FORWARD", ("-s", _net(c), "-p", icmp, "-j", forward)))
+    return lines
+
+
+def _lines(lines: Sequence[Line]) -> str:
+    return "\n".join(f"{family} {chain} {' '.join(args)}" for family, chain, args in lines)
 
 
 # POSIX sh (the image's busybox ash). Modes: `run` (default: install, keep in
-# place, remove on SIGTERM), `detect` (print the backend), `apply`, `remove`.
+# place, remove on SIGTERM), `detect` (print the backend), `interfaces` (print
+# the pod interfaces), `apply`, `remove`.
 _SCRIPT: Final = r"""# tailscale-egress node guard (builders/node_guard.py): drops what
-# kube-router accepts before any NetworkPolicy. Removed on SIGTERM.
+# kube-router accepts before any NetworkPolicy, and pod IPv6 that no policy
+# sees. Removed on SIGTERM.
 set -u
 set -f
-CHAIN='@CHAIN@'
+CHAINS='@CHAINS@'
 INTERVAL=@INTERVAL@
-# "<family> <iptables args>" per line.
-JUMPS='@JUMPS@'
+POD_CIDRS='@POD_CIDRS@'
+# "<family> <chain> <iptables args>" per line: a rule of one of CHAINS, or a
+# jump from PREROUTING/FORWARD. @IF@: the line once per pod interface.
 RULES='@RULES@'
 FAMILIES='@FAMILIES@'
+# A stand-in for `ip` in the unit tests (a static busybox runs its own applet before PATH's).
+IP=${NODE_GUARD_IP:-ip}
 BACKEND=''
+DESIRED=''
+SNAPSHOT=''
 
 log() { echo "node-guard: $*" >&2; }
 
@@ -141,59 +230,99 @@ detect_backend() {
   return 1
 }
 
+# A kernel without IPv6 has no IPv6 to guard (nor ip6tables to guard it with).
+families() {
+  for f in $FAMILIES; do
+    if [ "$f" = 6 ] && [ ! -e /proc/net/if_inet6 ]; then continue; fi
+    echo "$f"
+  done
+}
+
+# The node's interfaces holding an address of a pod range: the CNI bridge, the overlay.
+pod_interfaces() {
+  for c in $POD_CIDRS; do "$IP" -o addr show to "$c" 2>/dev/null; done | while read -r _ name _; do
+    echo "$name"
+  done | sort -u
+}
+
+# RULES for this node: @IF@ lines once per pod interface, the families it has.
+expand() {
+  ifs=$(pod_interfaces); fams=" $(families | tr '\n' ' ')"
+  while read -r fam chain args; do
+    case "$fams" in *" $fam "*) ;; *) continue ;; esac
+    case "$args" in
+      *@IF@*) for i in $ifs; do echo "$fam $chain ${args%%@IF@*}$i${args#*@IF@}"; done ;;
+      *) echo "$fam $chain $args" ;;
+    esac
+  done <<EOF
+$RULES
+EOF
+}
+
 ipt() {
   fam=$1; shift
   if [ "$fam" = 6 ]; then ip6tables-"$BACKEND" -w 5 -t mangle "$@"; else iptables-"$BACKEND" -w 5 -t mangle "$@"; fi
 }
 
+# Every jump into the guard's chains, whichever version of the guard made it.
 unjump() {
-  while read -r fam args; do
-    [ "$fam" = "$1" ] || continue
-    while ipt "$fam" -D PREROUTING $args -j "$CHAIN" 2>/dev/null; do :; done
-  done <<EOF
-$JUMPS
+  pattern="-j ($(echo $CHAINS | tr ' ' '|'))\$"
+  for hook in PREROUTING FORWARD; do
+    found=$(ipt "$1" -S "$hook" 2>/dev/null | grep -E -- "$pattern")
+    while read -r line; do
+      [ -n "$line" ] && ipt "$1" -D ${line#-A }
+    done <<EOF
+$found
 EOF
+  done
 }
 
 remove() {
-  for f in $FAMILIES; do
+  for f in $(families); do
     unjump "$f"
-    ipt "$f" -F "$CHAIN" 2>/dev/null
-    ipt "$f" -X "$CHAIN" 2>/dev/null
+    for c in $CHAINS; do
+      ipt "$f" -F "$c" 2>/dev/null
+      ipt "$f" -X "$c" 2>/dev/null
+    done
   done
   log "rules removed ($BACKEND)"
 }
 
 apply() {
-  for f in $FAMILIES; do
-    ipt "$f" -N "$CHAIN" 2>/dev/null
-    ipt "$f" -F "$CHAIN" || return 1
-    while read -r fam args; do
-      [ "$fam" = "$f" ] || continue
-      ipt "$fam" -A "$CHAIN" $args || return 1
-    done <<EOF
-$RULES
-EOF
+  DESIRED=$(expand)
+  for f in $(families); do
+    for c in $CHAINS; do
+      ipt "$f" -N "$c" 2>/dev/null
+      ipt "$f" -F "$c" || return 1
+    done
     unjump "$f"
-    pos=1
-    while read -r fam args; do
+    pre=1; fwd=1
+    while read -r fam chain args; do
       [ "$fam" = "$f" ] || continue
-      ipt "$fam" -I PREROUTING "$pos" $args -j "$CHAIN" || return 1
-      pos=$((pos + 1))
+      case "$chain" in
+        PREROUTING) ipt "$f" -I PREROUTING "$pre" $args || return 1; pre=$((pre + 1)) ;;
+        FORWARD) ipt "$f" -I FORWARD "$fwd" $args || return 1; fwd=$((fwd + 1)) ;;
+        *) ipt "$f" -A "$chain" $args || return 1 ;;
+      esac
     done <<EOF
-$JUMPS
+$DESIRED
 EOF
   done
   SNAPSHOT=$(snapshot)
-  log "rules installed ($BACKEND): mangle PREROUTING -> $CHAIN"
+  if [ -e /proc/net/if_inet6 ] && [ "$(cat /proc/sys/net/bridge/bridge-nf-call-ip6tables 2>/dev/null)" = 0 ]; then
+    log "net.bridge.bridge-nf-call-ip6tables is 0: IPv6 between pods of one bridge passes no ip6tables"
+  fi
+  log "rules installed ($BACKEND): mangle PREROUTING and FORWARD -> $CHAINS; pod interfaces:" $(pod_interfaces)
 }
 
-# The chain's rules and the top of PREROUTING (where the jumps must stay).
+# The chains' rules and the top of PREROUTING and FORWARD (where the jumps must stay).
 snapshot() {
-  for f in $FAMILIES; do
-    n=$(printf '%s\n' "$JUMPS" | grep -c "^$f ")
-    ipt "$f" -S PREROUTING | sed -n "2,$((n + 1))p"
-    ipt "$f" -S "$CHAIN"
+  for f in $(families); do
+    for hook in PREROUTING FORWARD; do
+      n=$(printf '%s\n' "$DESIRED" | grep -c "^$f $hook ")
+      if [ "$n" -gt 0 ]; then ipt "$f" -S "$hook" | sed -n "2,$((n + 1))p"; fi
+    done
+    for c in $CHAINS; do ipt "$f" -S "$c"; done
   done
 }
 
@@ -208,7 +337,10 @@ run() {
   checks=0
   while :; do
     sleep "$INTERVAL" & sleeper=$!; wait "$sleeper"
-    if [ "$(snapshot 2>/dev/null)" != "$SNAPSHOT" ]; then
+    if [ "$(expand)" != "$DESIRED" ]; then
+      log "pod interfaces changed: installing again"
+      apply || { log "cannot install the rules in $BACKEND"; remove; exit 1; }
+    elif [ "$(snapshot 2>/dev/null)" != "$SNAPSHOT" ]; then
       log "rules missing, changed or no longer first: installing again"
       apply || { log "cannot install the rules in $BACKEND"; remove; exit 1; }
     fi
@@ -223,10 +355,11 @@ run() {
 
 case "${1:-run}" in
   detect) detect_backend ;;
+  interfaces) pod_interfaces ;;
   apply) BACKEND=$(detect_backend) && apply ;;
   remove) BACKEND=$(detect_backend) && remove ;;
   run) run ;;
-  *) log "unknown mode $1 (run, detect, apply, remove)"; exit 2 ;;
+  *) log "unknown mode $1 (run, detect, interfaces, apply, remove)"; exit 2 ;;
 esac
 """
 
@@ -239,13 +372,13 @@ def guard_script(
     interval: int = CHECK_INTERVAL_SECONDS,
 ) -> str:
     """The shell script the guard container runs (`sh -c <script> node-guard [mode]`)."""
-    jumps = guard_jumps(pod_cidrs)
+    lines = guard_lines(chain, pod_cidrs, cluster_cidrs, node_ports)
     values = {
-        "@CHAIN@": chain,
+        "@CHAINS@": " ".join(chain_names(chain)),
         "@INTERVAL@": str(interval),
-        "@JUMPS@": _lines(jumps),
-        "@RULES@": _lines(guard_rules(pod_cidrs, cluster_cidrs, node_ports)),
-        "@FAMILIES@": " ".join(str(f) for f in sorted({f for f, _ in jumps})),
+        "@POD_CIDRS@": " ".join(_net(c) for c in pod_cidrs),
+        "@RULES@": _lines(lines),
+        "@FAMILIES@": " ".join(str(f) for f in sorted({f for f, _, _ in lines})),
     }
     script = _SCRIPT
     for key, value in values.items():
