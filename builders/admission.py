@@ -4,7 +4,7 @@ the stack alone.
 
 NetworkPolicies add up, so one extra policy with an open egress rule (many
 Helm charts ship `egress: [{}]`) would restore full egress; and anyone with
-edit rights in a namespace could delete the stack's policy. Four policies,
+edit rights in a namespace could delete the stack's policy. Six policies,
 each with its own binding, all named after the stack (many developer stacks
 share a cluster):
 
@@ -23,8 +23,15 @@ share a cluster):
   cleanly against every kind it matches).
 - `<prefix>-pod-security-labels`: the Pod Security labels of the protected and
   relay namespaces stay `restricted`, with version `latest` or a release not
-  older than POD_SECURITY_VERSION_FLOOR; only the deployer changes them (so
-  `pulumi destroy` can give an existing namespace its labels back).
+  older than POD_SECURITY_VERSION_FLOOR, whether saved through the namespace
+  or its `status` and `finalize` subresources; only the deployer changes them
+  (so `pulumi destroy` can give an existing namespace its labels back).
+
+- `<prefix>-node-guard-pods` and `<prefix>-node-guard-exec`: in the node
+  guard's namespace, the one the stack makes Pod Security `privileged`, pods
+  are created by the DaemonSet controller alone and never changed, and nobody
+  but the deployer execs, attaches or port-forwards into them (its DaemonSet,
+  like every DaemonSet there, is the deployer's through `<prefix>-stack-objects`).
 
 Namespaces are selected by `kubernetes.io/metadata.name`, which the API server
 sets from the name and nobody can change or remove: a label of our own would
@@ -43,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from builders.kube import DNS_NAMESPACE, NAMESPACE_NAME_LABEL, Manifest, metadata
+from builders.kube import DNS_NAMESPACE, KUBE_DNS_LABELS, NAMESPACE_NAME_LABEL, Manifest, metadata
 
 API_VERSION: Final = "admissionregistration.k8s.io/v1"
 # Pod Security versions older than this are refused as a weakening; `latest`
@@ -51,6 +58,8 @@ API_VERSION: Final = "admissionregistration.k8s.io/v1"
 # release with ValidatingAdmissionPolicy GA, so the oldest the guard runs on.
 POD_SECURITY_VERSION_FLOOR: Final = 30
 POD_SECURITY_MODES: Final = ("enforce", "warn", "audit")
+# A namespace's labels are saved through its status and finalize subresources too.
+NAMESPACE_RESOURCES: Final = ("namespaces", "namespaces/finalize", "namespaces/status")
 # Shown in a render (which contacts no cluster) in place of the deployer.
 DEPLOYER_PLACEHOLDER: Final = "<cluster.deployer: the Kubernetes user that runs pulumi up>"
 
@@ -81,6 +90,9 @@ class GuardSettings:
     # The stack's own default-deny policy in each protected namespace.
     own_policy_name: str
     proxy_configmap: str
+    # The node guard's namespace (Pod Security privileged): its DaemonSet is
+    # the deployer's, and its pods the DaemonSet controller's alone.
+    guard_namespace: str | None = None
 
 
 def cel_string(text: str) -> str:
@@ -104,13 +116,16 @@ def _cel_list(items: Sequence[str | int]) -> str:
     return "[" + ", ".join(cel_string(i) if isinstance(i, str) else str(i) for i in items) + "]"
 
 
-def policy_names(prefix: str) -> tuple[str, str, str, str]:
-    """(egress, stack objects, stack data, pod security labels): one policy and one binding each."""
+def policy_names(prefix: str) -> tuple[str, str, str, str, str, str]:
+    """(egress, stack objects, stack data, pod security labels, node guard
+    pods, node guard exec): one policy and one binding each."""
     return (
         f"{prefix}-egress-only-via-relay",
         f"{prefix}-stack-objects",
         f"{prefix}-stack-data",
         f"{prefix}-pod-security-labels",
+        f"{prefix}-node-guard-pods",
+        f"{prefix}-node-guard-exec",
     )
 
 
@@ -119,7 +134,7 @@ def policy_names(prefix: str) -> tuple[str, str, str, str]:
 # `spec` and kinds with `data` get a policy each.
 _SPEC_RESOURCES: Final = {
     "": ("services",),
-    "apps": ("deployments", "deployments/scale"),
+    "apps": ("daemonsets", "deployments", "deployments/scale"),
     "networking.k8s.io": ("networkpolicies",),
 }
 _DATA_RESOURCES: Final = {"": ("configmaps", "secrets")}
@@ -166,14 +181,24 @@ def _not_deployer(deployer: str) -> Manifest:
     return {"name": "not-the-deployer", "expression": f"request.userInfo.username != {cel_string(deployer)}"}
 
 
+def _matches_exactly(selector: str, labels: str) -> str:
+    """CEL: the label selector at `selector` is `matchLabels: <labels>` (a CEL
+    map) and nothing else, the form the stack writes."""
+    return (
+        f"has({selector}.matchLabels)"
+        f" && {selector}.matchLabels == {labels}"
+        f" && (!has({selector}.matchExpressions) || size({selector}.matchExpressions) == 0)"
+    )
+
+
+def _cel_map(labels: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{cel_string(k)}: {cel_string(v)}" for k, v in sorted(labels.items())) + "}"
+
+
 def _selects_only(selector: str, namespace: str) -> str:
     """CEL: the label selector at `selector` selects exactly the namespace
     named `namespace` (a CEL expression), in the form the stack writes."""
-    return (
-        f"has({selector}.matchLabels)"
-        f" && {selector}.matchLabels == {{{cel_string(NAMESPACE_NAME_LABEL)}: {namespace}}}"
-        f" && (!has({selector}.matchExpressions) || size({selector}.matchExpressions) == 0)"
-    )
+    return _matches_exactly(selector, f"{{{cel_string(NAMESPACE_NAME_LABEL)}: {namespace}}}")
 
 
 def _ports_within(protocols: Sequence[str], numbers: Sequence[int]) -> str:
@@ -198,8 +223,9 @@ def egress_allowed_expression(relay_namespace: str, relay_ports: Sequence[int]) 
     nothing and does not depend on how an enforcer reads that field. Refused:
     a rule without `to` (every destination; `egress: [{}]`), any `ipBlock`,
     a namespace selector other than exactly this namespace, the relay's or
-    kube-system (`{}` is every namespace), and ports beyond the relay's proxy
-    ports or DNS's 53.
+    kube-system (`{}` is every namespace), in kube-system any pods but the
+    DNS pods by the stack's own selector (k8s-app: kube-dns), and ports
+    beyond the relay's proxy ports or DNS's 53.
     """
     relay, dns = cel_string(relay_namespace), cel_string(DNS_NAMESPACE)
     peer_ok = " || ".join(
@@ -207,7 +233,11 @@ def egress_allowed_expression(relay_namespace: str, relay_ports: Sequence[int]) 
             "!has(p.namespaceSelector)",
             f"({_selects_only('p.namespaceSelector', 'request.namespace')})",
             f"({_selects_only('p.namespaceSelector', relay)} && {_ports_within(['TCP'], relay_ports)})",
-            f"({_selects_only('p.namespaceSelector', dns)} && {_ports_within(['UDP', 'TCP'], [53])})",
+            # The DNS pods by the stack's own selector: other kube-system pods (k3s's service load
+            # balancers, metrics-server) are no DNS.
+            f"({_selects_only('p.namespaceSelector', dns)} && has(p.podSelector)"
+            f" && {_matches_exactly('p.podSelector', _cel_map(KUBE_DNS_LABELS))}"
+            f" && {_ports_within(['UDP', 'TCP'], [53])})",
         ]
     )
     return (
@@ -221,8 +251,12 @@ def egress_allowed_expression(relay_namespace: str, relay_ports: Sequence[int]) 
 # two to the same verdict on every case they try.
 
 
+def _py_matches_exactly(selector: Manifest | None, labels: dict[str, str]) -> bool:
+    return selector is not None and selector.get("matchLabels") == labels and not selector.get("matchExpressions")
+
+
 def _py_selects_only(selector: Manifest, namespace: str) -> bool:
-    return selector.get("matchLabels") == {NAMESPACE_NAME_LABEL: namespace} and not selector.get("matchExpressions")
+    return _py_matches_exactly(selector, {NAMESPACE_NAME_LABEL: namespace})
 
 
 def _py_ports_within(rule: Manifest, protocols: Sequence[str], numbers: Sequence[int]) -> bool:
@@ -250,7 +284,11 @@ def opening_egress_rules(policy: Manifest, relay_namespace: str, relay_ports: Se
         return (
             _py_selects_only(selector, own)
             or (_py_selects_only(selector, relay_namespace) and _py_ports_within(rule, ["TCP"], relay_ports))
-            or (_py_selects_only(selector, DNS_NAMESPACE) and _py_ports_within(rule, ["UDP", "TCP"], [53]))
+            or (
+                _py_selects_only(selector, DNS_NAMESPACE)
+                and _py_matches_exactly(peer.get("podSelector"), KUBE_DNS_LABELS)
+                and _py_ports_within(rule, ["UDP", "TCP"], [53])
+            )
         )
 
     rules = (policy.get("spec") or {}).get("egress") or []
@@ -262,7 +300,8 @@ def egress_policy(s: GuardSettings) -> Manifest:
     ports = ", ".join(map(str, s.relay_ports))
     message = (
         f"in a namespace protected by tailscale-egress stack {s.prefix}, a NetworkPolicy may allow egress only"
-        f" to the relay (namespace {s.relay_namespace}, TCP {ports}), cluster DNS ({DNS_NAMESPACE}, port 53)"
+        f" to the relay (namespace {s.relay_namespace}, TCP {ports}), cluster DNS (pods k8s-app=kube-dns of"
+        f" {DNS_NAMESPACE}, port 53)"
         " and pods of this namespace: an egress rule with no `to`, an ipBlock, another namespace or other ports"
         " would open a way around the relay. Reach the internet through the proxy instead"
         f" (envFrom: configMapRef {s.proxy_configmap})"
@@ -315,8 +354,12 @@ def stack_objects_policy(s: GuardSettings, *, data: bool = False) -> Manifest:
     relay_ns = cel_string(s.relay_namespace)
     # In the relay namespace every NetworkPolicy is the stack's: a new one could open the relay's egress.
     any_policy = "" if data else "request.resource.resource == 'networkpolicies' || "
+    # In the node guard's (privileged) namespace every DaemonSet is: its pods would run there.
+    guard = ""
+    if s.guard_namespace is not None and not data:
+        guard = f"request.namespace == {cel_string(s.guard_namespace)} ? request.resource.resource == 'daemonsets' : "
     is_stack_object = (
-        f"(request.namespace == {relay_ns}"
+        f"({guard}request.namespace == {relay_ns}"
         f" ? ({any_policy}{key} in {_cel_list(relay_keys)})"
         f" : {key} in {_cel_list(protected_keys)})"
     )
@@ -329,7 +372,8 @@ def stack_objects_policy(s: GuardSettings, *, data: bool = False) -> Manifest:
     )
     message = (
         f"belongs to tailscale-egress stack {s.prefix}: only {s.deployer!r}, the identity that deploys the stack,"
-        " may create, change or delete it (in the relay namespace, any NetworkPolicy). Change the stack's"
+        " may create, change or delete it (in the relay namespace, any NetworkPolicy; in the node guard's, any"
+        " DaemonSet). Change the stack's"
         " configuration and run pulumi up instead"
     )
     # deployments/scale too: `kubectl scale` changes the relay without touching `deployments`.
@@ -375,7 +419,7 @@ def pod_security_policy(s: GuardSettings) -> Manifest:
     )
     return _policy(
         name,
-        [_rule("", ["namespaces"], ["UPDATE"])],
+        [_rule("", NAMESPACE_RESOURCES, ["UPDATE"])],
         {
             "matchConditions": [_not_deployer(s.deployer)],
             "variables": [
@@ -393,15 +437,82 @@ def pod_security_policy(s: GuardSettings) -> Manifest:
     )
 
 
+# The identities the DaemonSet controller creates pods as: its own service
+# account (--use-service-account-credentials, as k3s runs it), or the
+# controller manager's.
+DAEMONSET_CONTROLLERS: Final = (
+    "system:serviceaccount:kube-system:daemon-set-controller",
+    "system:kube-controller-manager",
+)
+
+
+def node_guard_pods_policy(s: GuardSettings) -> Manifest:
+    """In the node guard's namespace, pods come from its DaemonSet alone and
+    keep the spec they were made with: the namespace allows host networking
+    and NET_ADMIN (a pod's image can be changed in place; an ephemeral
+    container is a spec change too)."""
+    name = policy_names(s.prefix)[4]
+    message = (
+        f"is the node guard's namespace of tailscale-egress stack {s.prefix} (Pod Security privileged): its pods"
+        " are created by the guard's DaemonSet alone and never changed; change the stack and run pulumi up"
+    )
+    return _policy(
+        name,
+        [_rule("", ["pods"], ["CREATE", "UPDATE"]), _rule("", ["pods/ephemeralcontainers"], ["UPDATE"])],
+        {
+            "matchConditions": [_not_deployer(s.deployer)],
+            "validations": [
+                {
+                    "expression": f"request.operation == 'CREATE'"
+                    f" ? request.userInfo.username in {_cel_list(DAEMONSET_CONTROLLERS)}"
+                    " : object.spec == oldObject.spec",
+                    "message": message,
+                    "messageExpression": f"'Pod ' + request.namespace + '/' + object.metadata.name + ': namespace ' + "
+                    f"{cel_string(message)}",
+                    "reason": "Forbidden",
+                }
+            ],
+        },
+    )
+
+
+def node_guard_exec_policy(s: GuardSettings) -> Manifest:
+    """No exec, attach or port-forward into the node guard's pods: they run
+    in the node's network with NET_ADMIN."""
+    name = policy_names(s.prefix)[5]
+    message = (
+        f"the node guard's pods (tailscale-egress stack {s.prefix}) run in the node's network with NET_ADMIN:"
+        f" no exec, attach or port-forward, but for {s.deployer!r}, the identity that deploys the stack"
+    )
+    return _policy(
+        name,
+        [_rule("", ["pods/attach", "pods/exec", "pods/portforward"], ["CONNECT"])],
+        {
+            "matchConditions": [_not_deployer(s.deployer)],
+            "validations": [{"expression": "false", "message": message, "reason": "Forbidden"}],
+        },
+    )
+
+
 def admission_guard(s: GuardSettings) -> list[Manifest]:
-    """The four policies, each followed by its binding."""
-    egress_name, objects_name, data_name, labels_name = policy_names(s.prefix)
+    """The policies, each followed by its binding."""
+    egress_name, objects_name, data_name, labels_name, pods_name, exec_name = policy_names(s.prefix)
     all_namespaces = [*s.protected_namespaces, s.relay_namespace]
+    guarded = [*all_namespaces, *([s.guard_namespace] if s.guard_namespace else [])]
+    node_guard = []
+    if s.guard_namespace is not None:
+        only_there = {"namespaceSelector": _namespaces_named([s.guard_namespace])}
+        node_guard = [
+            node_guard_pods_policy(s),
+            _binding(pods_name, only_there),
+            node_guard_exec_policy(s),
+            _binding(exec_name, only_there),
+        ]
     return [
         egress_policy(s),
         _binding(egress_name, {"namespaceSelector": _namespaces_named(s.protected_namespaces)}),
         stack_objects_policy(s),
-        _binding(objects_name, {"namespaceSelector": _namespaces_named(all_namespaces)}),
+        _binding(objects_name, {"namespaceSelector": _namespaces_named(guarded)}),
         stack_objects_policy(s, data=True),
         _binding(data_name, {"namespaceSelector": _namespaces_named(all_namespaces)}),
         pod_security_policy(s),
@@ -409,8 +520,9 @@ def admission_guard(s: GuardSettings) -> list[Manifest]:
             labels_name,
             {
                 "resourceRules": [
-                    {**_rule("", ["namespaces"], ["UPDATE"]), "resourceNames": sorted(set(all_namespaces))}
+                    {**_rule("", NAMESPACE_RESOURCES, ["UPDATE"]), "resourceNames": sorted(set(all_namespaces))}
                 ]
             },
         ),
+        *node_guard,
     ]

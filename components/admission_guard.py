@@ -33,6 +33,7 @@ from builders.admission import (
 )
 from builders.kube import Manifest
 from builders.network_policies import protected_namespace_policy
+from builders.node_guard import guard_namespace
 from builders.proxy_env import PROXY_CONFIGMAP
 from builders.relay import PROXY_PORTS, RELAY_NAME
 from components.egress_relay import AUTH_SECRET_NAME
@@ -148,12 +149,53 @@ def check_existing_policies(cluster: ClusterConfig, listed: Sequence[Manifest] |
         )
 
 
+def default_username() -> str | None:
+    """The username kubectl acts as when given no --context or --kubeconfig
+    (its current context: what a user's everyday `kubectl` and Helm use);
+    None when that cannot be told."""
+    try:
+        done = subprocess.run(
+            # Short: a stopped everyday cluster must not hold up every preview.
+            ["kubectl", "auth", "whoami", "--output", "json", "--request-timeout", "5s"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        review = json.loads(done.stdout) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    username = review.get("status", {}).get("userInfo", {}).get("username") if isinstance(review, dict) else None
+    return username if isinstance(username, str) and username else None
+
+
+def shared_identity_warning(deployer: str, everyday: str | None) -> str | None:
+    """The warning for a deployer who is also kubectl's everyday identity
+    (issue 19, point 11), else None."""
+    if everyday != deployer:
+        return None
+    return (
+        f"tailscale-egress:cluster.deployer: the stack deploys as {deployer!r}, the identity kubectl uses by"
+        " default (its current context). The admission guard exempts the deployer from its checks on the"
+        " stack's objects and on the protected namespaces' Pod Security labels, so every kubectl and Helm"
+        " command you run as yourself is exempt too: a chart that sets pod-security.kubernetes.io/enforce:"
+        " privileged on a protected namespace passes. Give the stack an identity of its own: a kubeconfig"
+        " context used only by pulumi up (pulumi config set --path cluster.context <that context>; set"
+        " cluster.deployer to its user if you set it), and keep your everyday context for kubectl and Helm"
+    )
+
+
 def guard_preflight(cluster: ClusterConfig, policies: Sequence[Manifest] | None = None) -> str:
-    """Before anything is created: who deploys the stack, and no policy
-    already open in a protected namespace (among `policies`, when the
-    preflight has read them). Returns the deployer's username."""
+    """Before anything is created: who deploys the stack (a warning when that
+    is also kubectl's everyday identity), and no policy already open in a
+    protected namespace (among `policies`, when the preflight has read them).
+    Returns the deployer's username."""
     deployer = deployer_username(cluster)
     check_existing_policies(cluster, policies)
+    if os.environ.get(OFFLINE_ENV) != "1":
+        warning = shared_identity_warning(deployer, default_username())
+        if warning:
+            pulumi.log.warn(warning)
     return deployer
 
 
@@ -183,6 +225,8 @@ def guard_settings(args: AdmissionGuardArgs) -> GuardSettings:
         ),
         own_policy_name=OWN_POLICY_NAME,
         proxy_configmap=PROXY_CONFIGMAP,
+        # Guarded whether or not the stack runs the node guard: a namespace of that name is the stack's.
+        guard_namespace=guard_namespace(args.relay_namespace),
     )
 
 

@@ -7,6 +7,7 @@ tests/engine/test_admission_guard.py; here, what a reader of the render sees.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,8 +18,14 @@ import pytest
 
 from builders.admission import DEPLOYER_PLACEHOLDER, cel_string, opening_egress_rules, policy_names
 from builders.names import StackNames
-from components.admission_guard import OWN_POLICY_NAME, deployer_username, opening_policies
-from config import ClusterConfig
+from components.admission_guard import (
+    OWN_POLICY_NAME,
+    default_username,
+    deployer_username,
+    opening_policies,
+    shared_identity_warning,
+)
+from config import ClusterConfig, parse_config
 from devtools.mockstack import PROJECT, Evaluation, evaluate
 from preflight import OFFLINE_ENV, PreflightError
 from tests.stacks import dev, dev_config, kube_objects, pinned, pinned_config, with_config
@@ -111,6 +118,38 @@ OPENING: dict[str, Any] = {
         "egress": [{"to": [{"namespaceSelector": ns_named("kube-system")}], "ports": [{"port": 443}]}]
     },
     "kube-system-any-port": lambda s: {"egress": [{"to": [{"namespaceSelector": ns_named("kube-system")}]}]},
+    # Issue 19, point 7: port 53 of any kube-system pod (k3s's service load balancers live there) is no DNS.
+    "kube-system-any-pod-port-53": lambda s: {
+        "egress": [{"to": [{"namespaceSelector": ns_named("kube-system")}], "ports": [{"protocol": "UDP", "port": 53}]}]
+    },
+    "kube-system-other-pods-port-53": lambda s: {
+        "egress": [
+            {
+                "to": [
+                    {
+                        "namespaceSelector": ns_named("kube-system"),
+                        "podSelector": {"matchLabels": {"svccontroller.k3s.cattle.io/svcname": "exposed"}},
+                    }
+                ],
+                "ports": [{"protocol": "TCP", "port": 53}],
+            }
+        ]
+    },
+    "kube-dns-and-more-port-53": lambda s: {
+        "egress": [
+            {
+                "to": [
+                    {
+                        "namespaceSelector": ns_named("kube-system"),
+                        "podSelector": {
+                            "matchExpressions": [{"key": "k8s-app", "operator": "In", "values": ["kube-dns", "svclb"]}]
+                        },
+                    }
+                ],
+                "ports": [{"protocol": "UDP", "port": 53}],
+            }
+        ]
+    },
     "relay-namespace-any-port": lambda s: {"egress": [relay_rule(s.relay, [])]},
     "relay-namespace-port-22": lambda s: {"egress": [relay_rule(s.relay, [{"port": 22}])]},
     "relay-namespace-port-range": lambda s: {
@@ -174,15 +213,48 @@ class TestWhatIsDeployed:
         egress = guard(pinned())[f"{BINDING}/{policy_names(prefix('pinned'))[0]}"]
         assert namespaces_selected(egress) == ["default", "team-a", "team-b"]
 
-    @pytest.mark.parametrize("which", [1, 2], ids=["stack-objects", "stack-data"])
-    def test_stack_objects_guards_bind_the_protected_and_relay_namespaces(self, which: int) -> None:
+    @pytest.mark.parametrize(
+        ("which", "extra"), [(1, ["tailscale-egress-node-guard"]), (2, [])], ids=["stack-objects", "stack-data"]
+    )
+    def test_stack_objects_guards_bind_the_protected_and_relay_namespaces(self, which: int, extra: list[str]) -> None:
+        # The node guard's DaemonSet is a stack object with a spec (issue 19, point 9).
         objects = guard(pinned())[f"{BINDING}/{policy_names(prefix('pinned'))[which]}"]
-        assert namespaces_selected(objects) == ["default", "tailscale-egress", "team-a", "team-b"]
+        assert namespaces_selected(objects) == sorted(["default", "tailscale-egress", "team-a", "team-b", *extra])
+
+    def test_the_node_guards_namespace_has_pods_of_its_daemonset_alone_and_no_exec(self) -> None:
+        """Issue 19, point 9: the one privileged namespace is guarded too."""
+        found = guard(pinned())
+        pods_name, exec_name = policy_names(prefix("pinned"))[4:]
+        for name in (pods_name, exec_name):
+            assert namespaces_selected(found[f"{BINDING}/{name}"]) == ["tailscale-egress-node-guard"]
+        pods = found[f"{VAP}/{pods_name}"]["spec"]
+        assert [r["resources"] for r in pods["matchConstraints"]["resourceRules"]] == [
+            ["pods"],
+            ["pods/ephemeralcontainers"],
+        ]
+        (check,) = pods["validations"]
+        assert "system:serviceaccount:kube-system:daemon-set-controller" in check["expression"]
+        assert "object.spec == oldObject.spec" in check["expression"]  # no image swapped in place
+        exec_rules = found[f"{VAP}/{exec_name}"]["spec"]["matchConstraints"]["resourceRules"]
+        assert exec_rules == [
+            {
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "operations": ["CONNECT"],
+                "resources": ["pods/attach", "pods/exec", "pods/portforward"],
+            }
+        ]
+        objects = found[f"{VAP}/{policy_names(prefix('pinned'))[1]}"]["spec"]
+        assert (
+            "request.namespace == \"tailscale-egress-node-guard\" ? request.resource.resource == 'daemonsets'"
+            in (objects["validations"][0]["expression"])
+        )
 
     def test_label_guard_covers_the_protected_and_relay_namespaces_by_name(self) -> None:
         labels = guard(pinned())[f"{BINDING}/{policy_names(prefix('pinned'))[3]}"]
         (rule,) = labels["spec"]["matchResources"]["resourceRules"]
-        assert rule["resources"] == ["namespaces"]
+        # The status and finalize subresources save a namespace's labels too (issue 19, point 6).
+        assert rule["resources"] == ["namespaces", "namespaces/finalize", "namespaces/status"]
         assert rule["resourceNames"] == ["default", "tailscale-egress", "team-a", "team-b"]
 
     def test_a_stack_that_turns_the_guard_off_deploys_none(self) -> None:
@@ -283,6 +355,44 @@ class TestWhoDeploys:
         assert "pulumi config set --path cluster.deployer <username>" in message
 
 
+class TestTheDeployerIsNotTheEverydayIdentity:
+    """Issue 19, point 11: on a single-identity laptop the deployer's
+    exemption covers every kubectl and Helm command of its user."""
+
+    def fake_kubectl(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, username: str | None) -> None:
+        kubectl = tmp_path / "kubectl"
+        review = json.dumps({"kind": "SelfSubjectReview", "status": {"userInfo": {"username": username}}})
+        body = f"echo '{review}'" if username else "echo 'error: no configuration' >&2; exit 1"
+        kubectl.write_text(f"#!/bin/sh\n{body}\n")
+        kubectl.chmod(0o755)
+        monkeypatch.setenv("PATH", str(tmp_path))
+
+    def test_kubectls_own_identity_is_read_from_its_current_context(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        self.fake_kubectl(tmp_path, monkeypatch, "rancher")
+        assert default_username() == "rancher"
+
+    def test_no_everyday_identity_to_compare_is_no_warning(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        self.fake_kubectl(tmp_path, monkeypatch, None)
+        assert default_username() is None
+        assert shared_identity_warning("rancher", None) is None
+        monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+        assert default_username() is None
+
+    def test_the_same_identity_is_warned_about_with_why_and_the_remedy(self) -> None:
+        warning = shared_identity_warning("rancher", "rancher")
+        assert warning is not None
+        assert "the stack deploys as 'rancher', the identity kubectl uses by default" in warning
+        assert "a chart that sets pod-security.kubernetes.io/enforce: privileged on a protected namespace passes" in (
+            warning
+        )
+        assert "pulumi config set --path cluster.context <that context>" in warning
+        assert shared_identity_warning("deployer", "rancher") is None
+
+
 class TestConfig:
     @pytest.mark.parametrize("bad", ["", "  alice", "alice "])
     def test_a_blank_or_padded_deployer_is_refused_naming_the_key(self, bad: str) -> None:
@@ -290,9 +400,9 @@ class TestConfig:
         assert result.error is not None and result.resources == []
         assert f"tailscale-egress:cluster.deployer = {bad!r}: must be a Kubernetes username" in str(result.error)
 
-    def test_the_example_stack_spells_out_both_keys_at_their_defaults(self) -> None:
-        cluster = dev_config()["tailscale-egress:cluster"]
-        assert (cluster["admissionGuard"], cluster["deployer"]) == (True, None)
+    def test_the_guard_is_on_and_asks_who_deploys_by_default(self) -> None:
+        cluster = parse_config({}).cluster
+        assert (cluster.admission_guard, cluster.deployer) == (True, None)
 
 
 class TestPoliciesThatExistBeforeTheGuard:

@@ -190,7 +190,12 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
                 "kind": "ClusterRole",
                 "metadata": {"name": f"{name}-namespace-labeller"},
                 "rules": [
-                    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "patch", "update"]}
+                    {
+                        "apiGroups": [""],
+                        # The subresources too: their updates save labels as well (issue 19, point 6).
+                        "resources": ["namespaces", "namespaces/status", "namespaces/finalize"],
+                        "verbs": ["get", "list", "patch", "update"],
+                    }
                 ],
             },
             {
@@ -345,6 +350,22 @@ class TestPodSecurityLabels:
         refused(
             kubectl(ALICE, "label", "namespace", namespace, label, "--overwrite"), stack.labels_policy, LABELS_REFUSED
         )
+
+    @pytest.mark.parametrize("subresource", ["status", "finalize"])
+    def test_weakening_through_a_subresource_is_refused(self, stack: Stack, subresource: str) -> None:
+        """Issue 19, point 6: an update of `namespaces/status` or
+        `namespaces/finalize` saves the labels it carries."""
+        namespace = json.loads(ok(kubectl(ADMIN, "get", "namespace", stack.protected, "-o", "json")))
+        namespace["metadata"]["labels"][f"{PSA}/enforce"] = "privileged"
+        path = f"/api/v1/namespaces/{stack.protected}/{subresource}"
+        try:
+            result = kubectl(ALICE, "replace", "--raw", path, "-f", "-", stdin=json.dumps(namespace))
+            assert result.returncode != 0, f"admitted: {result.stdout[:300]}"
+            assert stack.labels_policy in result.stderr + result.stdout, result.stderr
+            assert LABELS_REFUSED in result.stderr + result.stdout, result.stderr
+        finally:
+            # Where it was admitted, the label is the deployer's to give back.
+            ok(kubectl(ADMIN, "label", "namespace", stack.protected, f"{PSA}/enforce=restricted", "--overwrite"))
 
     def test_other_labels_and_a_recent_pinned_version_pass(self, stack: Stack) -> None:
         ok(kubectl(ALICE, "label", "namespace", stack.protected, "team=a"))
