@@ -4,6 +4,7 @@ failure names the key, the value and the command that fixes it."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -178,6 +179,13 @@ def check_environment(cfg: StackConfig) -> ClusterListing | None:
     if not problems:
         listing = read_cluster(cfg)
         problems += protected_namespace_problems(cfg, listing.namespaces)
+        ranges = read_ranges(cfg)
+        problems += range_problems(cfg.cluster.pod_cidr, cfg.cluster.service_cidr, ranges)
+        if ranges.unread:
+            pulumi.log.warn(
+                "tailscale-egress:cluster.podCidr and serviceCidr are not checked against the cluster:"
+                f" its nodes could not be read ({ranges.unread[:200]})"
+            )
     if problems:
         raise PreflightError("cannot deploy yet:\n  - " + "\n  - ".join(problems))
     assert listing is not None
@@ -217,6 +225,102 @@ def _kubectl(cfg: StackConfig, *get: str) -> subprocess.CompletedProcess[str]:
     except subprocess.TimeoutExpired:
         raise PreflightError(f"`{' '.join(command)}` did not answer in 30 s: is the cluster up?") from None
     return done
+
+
+@dataclass(frozen=True)
+class ClusterRanges:
+    """The cluster's own address ranges, as far as its API tells them."""
+
+    node_pod_cidrs: dict[str, list[str]]  # each node's spec.podCIDRs (empty: the CNI allocates, not the nodes)
+    service_cidrs: dict[str, list[str]]  # each ServiceCIDR's spec.cidrs (Kubernetes 1.33 and later)
+    api_service_ip: str | None = None  # the `kubernetes` Service's address, where there is no ServiceCIDR
+    unread: str | None = None  # why nothing could be read
+
+
+def read_ranges(cfg: StackConfig) -> ClusterRanges:
+    """The nodes' pod ranges and the service range: the ServiceCIDR objects
+    where the API has them, else the API server's own Service address, which
+    is the first of its range."""
+    done = _kubectl(cfg, "nodes,servicecidrs.networking.k8s.io")
+    if done.returncode == 0:
+        items = json.loads(done.stdout).get("items", [])
+        return ClusterRanges(
+            _node_ranges([i for i in items if i.get("kind") == "Node"]),
+            {
+                i["metadata"]["name"]: list((i.get("spec") or {}).get("cidrs") or [])
+                for i in items
+                if i.get("kind") == "ServiceCIDR"
+            },
+        )
+    nodes = _kubectl(cfg, "nodes")
+    if nodes.returncode != 0:
+        return ClusterRanges({}, {}, unread=(nodes.stderr or nodes.stdout).strip())
+    service = _kubectl(cfg, "service", "kubernetes", "--namespace", "default")
+    ip = json.loads(service.stdout).get("spec", {}).get("clusterIP") if service.returncode == 0 else None
+    return ClusterRanges(_node_ranges(json.loads(nodes.stdout).get("items", [])), {}, ip)
+
+
+def _node_ranges(items: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out = {}
+    for node in items:
+        spec = node.get("spec") or {}
+        out[node["metadata"]["name"]] = list(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else []))
+    return out
+
+
+def _within(inner: str, outer: str) -> bool:
+    a, b = ipaddress.ip_network(inner, strict=False), ipaddress.ip_network(outer, strict=False)
+    return a.version == b.version and a.subnet_of(b)  # type: ignore[arg-type]
+
+
+def range_problems(pod_cidr: str, service_cidr: str, ranges: ClusterRanges) -> list[str]:
+    """`cluster.podCidr` and `cluster.serviceCidr` against the cluster's own
+    ranges, in the family of each. The node guard and the workloads'
+    NO_PROXY know pods and Services by these ranges alone: a pod range that
+    misses the nodes' would guard no pod, silently."""
+    problems = []
+    family = ipaddress.ip_network(pod_cidr, strict=False).version
+    outside = {
+        node: r
+        for node, rs in sorted(ranges.node_pod_cidrs.items())
+        for r in rs
+        if ipaddress.ip_network(r, strict=False).version == family and not _within(r, pod_cidr)
+    }
+    if outside:
+        theirs = sorted({r for rs in ranges.node_pod_cidrs.values() for r in rs})
+        shown = ", ".join(f"node {n} has {r}" for n, r in outside.items())
+        problems.append(
+            f"tailscale-egress:cluster.podCidr = {pod_cidr!r}: the cluster's pods are not in it ({shown}; every"
+            f" node's pod range: {', '.join(theirs)}). The node guard knows pods by this range and would guard"
+            " none of them, and the workloads' NO_PROXY would miss them. Set the cluster's pod range (k3s:"
+            " --cluster-cidr, 10.42.0.0/16 by default) that"
+            " holds every node's: pulumi config set --path cluster.podCidr <cidr>"
+        )
+    family = ipaddress.ip_network(service_cidr, strict=False).version
+    services = {
+        name: r
+        for name, rs in sorted(ranges.service_cidrs.items())
+        for r in rs
+        if ipaddress.ip_network(r, strict=False).version == family
+    }
+    wrong = {name: r for name, r in services.items() if not _within(r, service_cidr)}
+    if wrong:
+        shown = ", ".join(f"ServiceCIDR {n} has {r}" for n, r in wrong.items())
+        problems.append(
+            f"tailscale-egress:cluster.serviceCidr = {service_cidr!r}: the cluster's Services are not in it"
+            f" ({shown}). Set the cluster's service range: pulumi config set --path cluster.serviceCidr"
+            f" {next(iter(wrong.values()))}"
+        )
+    ip = ipaddress.ip_address(ranges.api_service_ip) if ranges.api_service_ip else None
+    # Without ServiceCIDR objects (before Kubernetes 1.33): the first address of the range is the API server's.
+    if not services and ip is not None and ip.version == family and ip not in ipaddress.ip_network(service_cidr):
+        problems.append(
+            f"tailscale-egress:cluster.serviceCidr = {service_cidr!r}: the API server's own Service"
+            f" (default/kubernetes) has {ip}, outside it. Set the cluster's service range (the API server's"
+            " --service-cluster-ip-range; k3s: --service-cidr, 10.43.0.0/16 by default):"
+            " pulumi config set --path cluster.serviceCidr <cidr>"
+        )
+    return problems
 
 
 def existing_namespaces(cfg: StackConfig) -> dict[str, dict[str, str]]:
