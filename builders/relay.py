@@ -19,6 +19,14 @@ PROXY_PORTS: Final = (SOCKS5_PORT, HTTP_PROXY_PORT)
 SOCKET: Final = "/tmp/tailscaled.sock"
 RELAY_NAME: Final = "relay"
 AUTH_SECRET_KEY: Final = "authkey"
+# The auth Secret is mounted here, and TS_AUTHKEY names the file ("file:"),
+# which `tailscale up` reads: containerboot hands its whole environment to
+# tailscaled, so a key in TS_AUTHKEY itself would sit in tailscaled's
+# environment for the life of the pod, where anything that can read the
+# process's environment finds it.
+AUTH_KEY_DIR: Final = "/etc/tailscale-egress/auth"
+AUTH_KEY_FILE: Final = f"{AUTH_KEY_DIR}/{AUTH_SECRET_KEY}"
+AUTH_VOLUME: Final = "auth"
 RUN_AS: Final = 65532  # an unprivileged uid, as distroless images use
 BOOT_TIMEOUT_SECONDS: Final = 60
 RELAY_CONTAINER: Final = "tailscale"
@@ -94,10 +102,7 @@ def relay_environment(s: RelaySettings) -> list[Manifest]:
         "TS_NO_LOGS_NO_SUPPORT": "true",
         "GOGC": RELAY_GOGC,
     }
-    auth = {
-        "name": "TS_AUTHKEY",
-        "valueFrom": {"secretKeyRef": {"name": s.auth_secret_name, "key": AUTH_SECRET_KEY}},
-    }
+    auth = {"name": "TS_AUTHKEY", "value": f"file:{AUTH_KEY_FILE}"}
     # The Go runtime collects garbage harder as its memory nears this (bytes,
     # from the container's memory request), so the relay's peak stays near the
     # request under load; the limit above it is headroom, not a target.
@@ -146,8 +151,25 @@ def relay_container(s: RelaySettings) -> Manifest:
             "timeoutSeconds": 4,
             "failureThreshold": 1,
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": AUTH_VOLUME, "mountPath": AUTH_KEY_DIR, "readOnly": True},
+        ],
     }
+
+
+def relay_volumes(s: RelaySettings) -> list[Manifest]:
+    """The volumes `relay_container` mounts: its /tmp, and the auth Secret,
+    readable by the relay's group (the pod's fsGroup) only."""
+    secret = {
+        "secretName": s.auth_secret_name,
+        "items": [{"key": AUTH_SECRET_KEY, "path": AUTH_SECRET_KEY}],
+        "defaultMode": 0o440,
+    }
+    return [
+        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+        {"name": AUTH_VOLUME, "secret": secret},
+    ]
 
 
 def relay_deployment(s: RelaySettings) -> Manifest:
@@ -175,7 +197,7 @@ def relay_deployment(s: RelaySettings) -> Manifest:
                     # Lets tailscaled log out (remove its ephemeral node) on SIGTERM.
                     "terminationGracePeriodSeconds": 30,
                     "containers": [relay_container(s)],
-                    "volumes": [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}],
+                    "volumes": relay_volumes(s),
                 },
             },
         },

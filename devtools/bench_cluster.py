@@ -62,6 +62,7 @@ from builders.relay import (  # noqa: E402
     SOCKS5_PORT,
     RelaySettings,
     relay_container,
+    relay_volumes,
 )
 from devtools import cpu_profile  # noqa: E402
 from tests.datapath.topology import ECHO_NAME, EXIT_PUBLIC_IP  # noqa: E402
@@ -284,7 +285,7 @@ def kernel_relay_pod(exit_ip: str, login_server: str) -> dict[str, Any]:
             "automountServiceAccountToken": False,
             "terminationGracePeriodSeconds": 10,
             "containers": [c, client_container("client")],
-            "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "ca", "configMap": {"name": CA_CONFIGMAP}}],
+            "volumes": [*relay_volumes(s), {"name": "ca", "configMap": {"name": CA_CONFIGMAP}}],
         },
     }
 

@@ -77,7 +77,8 @@ def test_the_relay_gets_the_given_key_as_a_secret() -> None:
     (deployment,) = kube_objects(result, "Deployment")
     env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "--exit-node=100.64.0.1" in env["TS_EXTRA_ARGS"]["value"].split()
-    assert "value" not in env["TS_AUTHKEY"]
+    # The key itself is only in the Secret, which the relay reads as a file.
+    assert env["TS_AUTHKEY"]["value"] == "file:/etc/tailscale-egress/auth/authkey"
 
 
 def test_a_given_key_without_your_own_exit_node_is_refused() -> None:

@@ -48,11 +48,25 @@ def test_the_exit_node_user_data_is_secret_and_carries_the_key() -> None:
     assert FAKE_KEY_MARKER in server.plain()["userData"]
 
 
-def test_the_relay_reads_its_key_from_the_secret_not_from_a_plain_value() -> None:
+def test_the_relay_reads_its_key_from_the_secret_as_a_file_never_from_its_environment() -> None:
+    # containerboot hands its environment to tailscaled: a key in TS_AUTHKEY would live in tailscaled's
+    # environment for the life of the pod. `tailscale up --authkey=file:...` reads it from the mounted Secret.
     (deployment,) = kube_objects(dev(), "Deployment")
-    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    auth = [e for e in env if e["name"] in ("TS_AUTHKEY", "TS_AUTH_KEY")]
-    assert auth == [{"name": "TS_AUTHKEY", "valueFrom": {"secretKeyRef": {"name": "relay-auth", "key": "authkey"}}}]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = container["env"]
+    assert not [e for e in env if "secretKeyRef" in e.get("valueFrom", {})], "a Secret's value in the environment"
+    (auth,) = [e for e in env if e["name"] in ("TS_AUTHKEY", "TS_AUTH_KEY")]
+    path = auth["value"].removeprefix("file:")
+    assert auth["value"].startswith("file:/") and "tskey" not in auth["value"]
+    (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "relay-auth"
+    assert volume["secret"]["items"] == [{"key": "authkey", "path": path.removeprefix(mount["mountPath"] + "/")}]
+    # Owner root, group the pod's fsGroup (the relay's own gid): no one else in the pod reads it.
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == container["securityContext"]["runAsGroup"]
 
 
 @pytest.mark.parametrize("stack", [dev, pinned], ids=["dev", "pinned"])

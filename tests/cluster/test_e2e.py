@@ -124,11 +124,14 @@ def test_the_relays_tailscaled_runs_with_the_limits_of_its_manifest(e2e: Deploym
     cgroup = pod_cgroup(e2e.api, RELAY_NS, relay["metadata"]["name"], RELAY_CONTAINER)
     assert cgroup.cpu_limit() == float(RELAY_CPU_LIMIT)
     assert cgroup.limit() == 256 << 20
-    # Only these two: the environment also holds the auth key, kept out of the report.
+    # Only these: were the key in the environment, a failure must not print it.
     env = environment(cgroup.process("tailscaled"))
-    memory_limit, gc_target = env.get("GOMEMLIMIT"), env.get("GOGC")
+    memory_limit, gc_target, auth_key = env.get("GOMEMLIMIT"), env.get("GOGC"), env.get("TS_AUTHKEY", "")
     assert memory_limit == str(int(RELAY_MEMORY_REQUEST.removesuffix("Mi")) << 20)
     assert gc_target == RELAY_GOGC
+    # The key is a file of the mounted Secret, never in tailscaled's environment (containerboot passes its own).
+    key_in_environment = "tskey" in auth_key or "hskey" in auth_key or not auth_key.startswith("file:/")
+    assert not key_in_environment, "TS_AUTHKEY in tailscaled's environment is not a file: path"
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ namespace has a DNS server.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
@@ -186,6 +187,40 @@ def test_relay_restart_rejoins(base: Topology) -> None:
     wait_traffic_via_exit(base, timeout=max(5.0, boot_timeout - (time.monotonic() - start)))
     assert time.monotonic() - start <= boot_timeout + 5
     assert set(peers(base, "internet")) == {EXIT_PUBLIC_IP}
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def test_no_process_of_the_relay_holds_its_auth_key_in_its_environment_or_command_line(base: Topology) -> None:
+    """containerboot hands its environment to tailscaled (and to `tailscale up`): a key in TS_AUTHKEY would
+    stay in tailscaled's environment for the life of the pod. The relay reads it from its Secret as a file."""
+    key = base.relay_authkey
+    assert key.startswith(("tskey-", "hskey-")) or len(key) >= 16, "the harness has no real key to look for"
+    seen: dict[int, str] = {}
+    for pid in process_tree(base.relay_pid()):
+        with contextlib.suppress(OSError):
+            exe = Path(f"/proc/{pid}/exe").resolve().name
+            environ, cmdline = (Path(f"/proc/{pid}/{f}").read_bytes() for f in ("environ", "cmdline"))
+            seen[pid] = exe
+            # Booleans only: pytest would print the environment, and so the key, on failure.
+            in_environ, in_cmdline = key.encode() in environ, key.encode() in cmdline
+            assert not in_environ, f"{exe} (pid {pid}) has the auth key in its environment"
+            assert not in_cmdline, f"{exe} (pid {pid}) has the auth key on its command line"
+    assert {"containerboot", "tailscaled"} <= set(seen.values()), seen
 
 
 def node_ids(t: Topology, online: bool | None = None) -> set[str]:

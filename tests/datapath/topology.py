@@ -201,6 +201,28 @@ class RelaySpec:
     read_only_root: bool
     proxy_ports: list[int]
     network_policies: list[dict[str, Any]] = field(default_factory=list)
+    # TS_AUTHKEY=file:<path>: the key is a file of a Secret volume (path, mode, group), not in the environment.
+    authkey_file: str | None = None
+    authkey_mode: int = 0o644
+    fs_group: int | None = None
+
+
+def _secret_file_mode(pod_spec: Mapping[str, Any], container: Mapping[str, Any], path: str) -> int:
+    """The mode of `path`, a file of a Secret volume mounted in the container (the kubelet's defaultMode
+    or the item's mode, 0644 when unset)."""
+    for mount in container.get("volumeMounts") or []:
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(prefix):
+            continue
+        volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            raise TopologyError(f"{path} is on volume {mount['name']!r}, which is not a Secret")
+        item = [i for i in secret.get("items") or [] if i["path"] == path.removeprefix(prefix)]
+        if secret.get("items") and not item:
+            raise TopologyError(f"the Secret volume {mount['name']!r} has no item at {path}")
+        return int(item[0].get("mode", secret.get("defaultMode", 0o644)) if item else secret.get("defaultMode", 0o644))
+    raise TopologyError(f"TS_AUTHKEY names {path}, which no volume of the relay container holds")
 
 
 def _find_relay(objs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -278,6 +300,7 @@ def relay_spec_from_manifests(objs: list[dict[str, Any]]) -> RelaySpec:
             env[name] = str(item["value"])
         elif "valueFrom" in item:
             if name in AUTHKEY_ENV and "secretKeyRef" in item["valueFrom"]:
+                # The key in the environment: the harness puts it there itself.
                 authkey_env = name
             elif "resourceFieldRef" in item["valueFrom"]:
                 env[name] = str(_resource_field(c, item["valueFrom"]["resourceFieldRef"]))
@@ -287,8 +310,13 @@ def relay_spec_from_manifests(objs: list[dict[str, Any]]) -> RelaySpec:
             env[name] = ""
     if c.get("envFrom"):
         raise TopologyError("envFrom on the relay container is not supported by this harness")
+    authkey_file, authkey_mode = None, 0o644
+    for name in AUTHKEY_ENV:
+        if env.get(name, "").startswith("file:"):
+            authkey_env, authkey_file = name, env[name].removeprefix("file:")
+            authkey_mode = _secret_file_mode(pod["spec"], c, authkey_file)
     if not authkey_env:
-        raise TopologyError("relay container has no TS_AUTHKEY from a secretKeyRef")
+        raise TopologyError("relay container has no TS_AUTHKEY, from a secretKeyRef or as file:<Secret volume>")
     ready = c.get("readinessProbe", {}).get("exec", {}).get("command")
     if not ready:
         raise TopologyError("relay readinessProbe is not an exec command")
@@ -313,6 +341,9 @@ def relay_spec_from_manifests(objs: list[dict[str, Any]]) -> RelaySpec:
         and "Egress" in (o["spec"].get("policyTypes") or [])
     ]
     return RelaySpec(
+        authkey_file=authkey_file,
+        authkey_mode=authkey_mode,
+        fs_group=int(sc_pod["fsGroup"]) if "fsGroup" in sc_pod else None,
         env=env,
         authkey_env=authkey_env,
         readiness=[str(x) for x in ready],
@@ -957,7 +988,8 @@ class Topology:
     def relay_env(self) -> dict[str, str]:
         spec = self._spec()
         env = dict(spec.env)
-        env[spec.authkey_env] = self.relay_authkey
+        if spec.authkey_file is None:
+            env[spec.authkey_env] = self.relay_authkey
         # What the kubelet and the image add around the Deployment's env.
         env.update(
             {
@@ -1002,16 +1034,32 @@ class Topology:
         # tailscale binaries at /usr/local/bin (as in the image), /etc/ssl with
         # the CA bundle plus the test CA, a private /tmp (the pod's emptyDir).
         # Then drop to the pod's uid/gid with no capabilities.
-        steps = [
+        steps = []
+        if spec.authkey_file is not None:
+            # The Secret volume: an overlay on /etc in this mount namespace holds the key file with the
+            # volume's mode, owned by root and the pod's fsGroup, as the kubelet writes it.
+            upper, work = self.workdir / "etc-upper", self.workdir / "etc-work"
+            key_file = upper / Path(spec.authkey_file).relative_to("/etc")
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            work.mkdir(exist_ok=True)
+            key_file.write_text(self.relay_authkey)
+            os.chown(key_file, 0, spec.fs_group if spec.fs_group is not None else 0)
+            key_file.chmod(spec.authkey_mode)
+            steps.append(f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} /etc")
+        steps += [
             f"mount --bind {shlex.quote(str(self.workdir / 'ssl'))} /etc/ssl",
             f"mount --bind {shlex.quote(str(self.image_bin))} /usr/local/bin",
         ]
         if spec.read_only_root:  # readOnlyRootFilesystem: / read-only in this mount ns
             steps.append("mount -o remount,bind,ro /")
         steps.append("mount -t tmpfs -o mode=1777,size=64m tmpfs /tmp")
+        # The kubelet adds the pod's fsGroup to the container's groups.
+        groups = f"--groups={spec.fs_group}" if spec.fs_group is not None else "--clear-groups"
+        if spec.authkey_file is not None and spec.read_only_root:
+            steps.append("mount -o remount,ro /etc")  # the overlay; a Secret volume is read-only
         steps.append(
             f"exec setpriv --reuid={spec.run_as_user} --regid={spec.run_as_group} "
-            "--clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs env -i "
+            f"{groups} --inh-caps=-all --bounding-set=-all --no-new-privs env -i "
             + " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
             + " /usr/local/bin/containerboot"
         )
