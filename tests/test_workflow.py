@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from devtools import policy_check, render_diff
+from devtools import policy_check, pr_comment, render_diff
 from devtools.mockstack import evaluate
 from tests.stacks import dev_config, repo_path, with_config
 from tests.support.tools import executable
@@ -33,14 +33,46 @@ def workflow() -> dict[str, Any]:
     return raw
 
 
-def steps(job: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = workflow()["jobs"][job]["steps"]
+JOB = "preview"
+
+
+def steps() -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = workflow()["jobs"][JOB]["steps"]
     return found
 
 
-def pulumi_step() -> dict[str, Any]:
-    (step,) = [s for s in steps("preview") if str(s.get("uses", "")).startswith("pulumi/actions@")]
-    return step
+def step(name_or_id: str) -> dict[str, Any]:
+    (found,) = [s for s in steps() if name_or_id in (s.get("id"), s.get("name"))]
+    return found
+
+
+def preview_step() -> dict[str, Any]:
+    return step("pulumi preview of each stack")
+
+
+def run_step(tmp_path: Path, found: dict[str, Any], env: dict[str, str], path: str | None = None) -> dict[str, str]:
+    """Run a `run:` step of the workflow in bash as the runner would: its
+    outputs and the variables it exports, plus its stdout as `stdout`."""
+    output, github_env = tmp_path / "output", tmp_path / "env"
+    output.touch()
+    github_env.touch()
+    done = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", found["run"]],
+        env={
+            "PATH": path or os.environ["PATH"],
+            "GITHUB_OUTPUT": str(output),
+            "GITHUB_ENV": str(github_env),
+            "RUNNER_TEMP": str(tmp_path),
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=repo_path(),
+    )
+    assert done.returncode == 0, done.stderr
+    lines = output.read_text().splitlines() + github_env.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line) | {"stdout": done.stdout}
 
 
 # --- actionlint ---
@@ -59,54 +91,65 @@ def test_every_workflow_passes_actionlint() -> None:
 
 def test_actionlint_catches_a_broken_workflow(tmp_path: Path) -> None:
     # The lint is real: the same workflow with a typo in an expression and an unknown permission fails.
-    broken = PREVIEW.read_text().replace("needs.stacks.outputs.list", "needs.stack.outputs.list", 1)
+    broken = PREVIEW.read_text().replace("steps.stacks.outputs.list", "steps.stack.outputs.list", 1)
     broken = broken.replace("pull-requests: write", "pull-request: write", 1)
     target = tmp_path / ".github" / "workflows" / "preview.yml"
     target.parent.mkdir(parents=True)
     target.write_text(broken)
     result = subprocess.run([actionlint(), str(target)], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1
-    assert "needs.stack" in result.stdout and "pull-request" in result.stdout
+    assert "steps.stack" in result.stdout and "pull-request" in result.stdout
 
 
 # --- what the workflow does ---
 
 
-def test_it_previews_every_pull_request_with_diff_policy_pack_and_a_comment() -> None:
+def test_it_previews_every_pull_request_with_diff_policy_pack_and_a_pinned_cli() -> None:
     assert set(workflow()["on"]) == {"pull_request"}
-    step = pulumi_step()
-    assert step["with"]["command"] == "preview"
-    assert step["with"]["diff"] is True
-    assert step["with"]["comment-on-pr"] is True
-    assert step["with"]["policyPacks"] == "policy"
-    assert re.fullmatch(r"\d+\.\d+\.\d+", str(step["with"]["pulumi-version"])), "the CLI version is pinned"
+    run = preview_step()["run"]
+    assert 'pulumi preview --stack "$stack" --diff --policy-pack policy --non-interactive' in run
+    (install,) = [s for s in steps() if str(s.get("uses", "")).startswith("pulumi/actions@")]
+    assert "command" not in install["with"], "the action only installs the CLI"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", str(install["with"]["pulumi-version"])), "the CLI version is pinned"
     assert repo_path("policy", "PulumiPolicy.yaml").is_file()
 
 
-def test_the_backend_and_credentials_come_from_repository_secrets_and_only_the_preview_step_sees_them() -> None:
-    step = pulumi_step()
-    assert step["with"]["cloud-url"] == "${{ secrets.PULUMI_BACKEND_URL }}"
-    env = step["env"]
-    for name in ("PULUMI_ACCESS_TOKEN", "PULUMI_CONFIG_PASSPHRASE", "HCLOUD_TOKEN", "TAILSCALE_API_KEY"):
-        assert env[name] == "${{ secrets." + name + " }}"
-    # No other step, job or workflow-level env carries a secret.
+def test_the_job_has_a_timeout() -> None:
+    for name, job in workflow()["jobs"].items():
+        assert 0 < job["timeout-minutes"] <= 60, name
+
+
+def test_credentials_of_every_backend_reach_only_the_preview_step() -> None:
+    env = preview_step()["env"]
+    # Pulumi Cloud (a token, or the OIDC step's), and S3, Azure Blob and GCS backends.
+    for name in (
+        "PULUMI_BACKEND_URL", "PULUMI_CONFIG_PASSPHRASE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+        "AZURE_STORAGE_KEY", "GOOGLE_CREDENTIALS", "HCLOUD_TOKEN", "TAILSCALE_API_KEY",
+        "TAILSCALE_OAUTH_CLIENT_ID", "TAILSCALE_OAUTH_CLIENT_SECRET",
+    ):  # fmt: skip
+        assert env[name] == "${{ secrets." + name + " }}", name
+    assert env["PULUMI_ACCESS_TOKEN"] == "${{ secrets.PULUMI_ACCESS_TOKEN || env.PULUMI_ACCESS_TOKEN }}"
+    assert {"AWS_REGION", "AZURE_STORAGE_ACCOUNT", "TAILSCALE_TAILNET"} <= set(env)
+    # Elsewhere a secret is only tested for being set (`!= ''`), never handed over.
     text = PREVIEW.read_text()
-    assert text.count("secrets.") == sum(str(v).count("secrets.") for v in [*env.values(), *step["with"].values()])
+    presence = len(re.findall(r"secrets\.\w+ != ''", text))
+    assert presence == 2
+    assert text.count("secrets.") == presence + sum(str(v).count("secrets.") for v in env.values())
 
 
-def test_permissions_are_least_privilege() -> None:
+def test_permissions_are_least_privilege_with_oidc() -> None:
     doc = workflow()
     assert doc["permissions"] == {}
-    allowed = {"contents": "read", "pull-requests": "write"}
+    allowed = {"contents": "read", "pull-requests": "write", "id-token": "write"}
     for name, job in doc["jobs"].items():
         granted = job.get("permissions")
         assert isinstance(granted, dict), f"job {name} inherits permissions"
         assert granted.items() <= allowed.items(), f"job {name}: {granted}"
     # Checkout never leaves the token in .git/config for later steps.
-    for name, job in doc["jobs"].items():
-        for step in job["steps"]:
-            if str(step.get("uses", "")).startswith("actions/checkout@"):
-                assert step["with"]["persist-credentials"] is False, name
+    for job in doc["jobs"].values():
+        for found in job["steps"]:
+            if str(found.get("uses", "")).startswith("actions/checkout@"):
+                assert found["with"]["persist-credentials"] is False
 
 
 def test_every_action_is_pinned_by_commit_with_its_version_named() -> None:
@@ -119,25 +162,101 @@ def test_every_action_is_pinned_by_commit_with_its_version_named() -> None:
     assert pulumi.strip().startswith("# v7.")
 
 
-def test_the_kubernetes_part_is_excluded_from_the_preview_and_shown_by_the_render_job() -> None:
-    step = pulumi_step()
-    assert step["with"]["exclude-dependents"] is True
-    assert step["with"]["exclude"] == "${{ steps.exclude.outputs.urn }}"
-    (urn_step,) = [s for s in steps("preview") if s.get("id") == "exclude"]
-    assert "::tailscale-egress::pulumi:providers:kubernetes::cluster" in urn_step["run"]
-    runs = "\n".join(str(s.get("run", "")) for s in steps("render"))
+@pytest.mark.parametrize(
+    ("same_repository", "backend_url", "access_token", "oidc_org", "configured"),
+    [
+        ("true", "false", "false", "", False),  # nothing set up yet
+        ("false", "true", "true", "acme", False),  # a fork: no secrets
+        ("true", "true", "false", "", True),  # s3://, azblob://, gs://
+        ("true", "false", "true", "", True),  # Pulumi Cloud, token
+        ("true", "false", "false", "acme", True),  # Pulumi Cloud, OIDC
+    ],
+)
+def test_without_a_backend_the_preview_is_skipped_with_a_notice_not_failed(
+    tmp_path: Path, same_repository: str, backend_url: str, access_token: str, oidc_org: str, configured: bool
+) -> None:
+    env = {
+        "SAME_REPOSITORY": same_repository,
+        "HAS_BACKEND_URL": backend_url,
+        "HAS_ACCESS_TOKEN": access_token,
+        "PULUMI_OIDC_ORGANIZATION": oidc_org,
+    }
+    out = run_step(tmp_path, step("backend"), env)
+    assert out["configured"] == str(configured).lower()
+    if not configured:
+        assert out["stdout"].startswith("::notice title=pulumi preview skipped::")
+        assert out["skipped"] and out["skipped"] in out["stdout"]
+    for later in (preview_step(), step("Short-lived backend credentials by OIDC")):
+        assert "steps.backend.outputs.configured == 'true'" in later["if"]
+
+
+def test_oidc_gives_each_configured_backend_short_lived_credentials(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "curl.log"
+    # GitHub's token endpoint and Pulumi Cloud's token exchange, faked.
+    (bin_dir / "curl").write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        'case "$*" in *api.pulumi.com*) echo \'{"access_token": "pul-short"}\' ;;\n'
+        '  *) echo \'{"value": "jwt"}\' ;;\nesac\n'
+    )
+    (bin_dir / "curl").chmod(0o755)
+    env = {
+        "ACTIONS_ID_TOKEN_REQUEST_URL": "https://token.example/?x=1",
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "req",
+        "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/preview",
+        "AZURE_CLIENT_ID": "client",
+        "AZURE_TENANT_ID": "tenant",
+        "GCP_WORKLOAD_IDENTITY_PROVIDER": "projects/1/locations/global/workloadIdentityPools/p/providers/gh",
+        "GCP_SERVICE_ACCOUNT": "preview@p.iam.gserviceaccount.com",
+        "PULUMI_OIDC_ORGANIZATION": "acme",
+        "RUN_ID": "7",
+    }
+    out = run_step(tmp_path, step("Short-lived backend credentials by OIDC"), env, f"{bin_dir}:{os.environ['PATH']}")
+    assert (
+        out["AWS_ROLE_ARN"] == env["AWS_ROLE_ARN"] and Path(out["AWS_WEB_IDENTITY_TOKEN_FILE"]).read_text() == "jwt\n"
+    )
+    assert Path(out["AZURE_FEDERATED_TOKEN_FILE"]).is_file() and out["AZURE_TENANT_ID"] == "tenant"
+    google = json.loads(Path(out["GOOGLE_APPLICATION_CREDENTIALS"]).read_text())
+    assert google["type"] == "external_account" and google["audience"].endswith("/providers/gh")
+    assert out["PULUMI_ACCESS_TOKEN"] == "pul-short" and "::add-mask::pul-short" in out["stdout"]
+    audiences = re.findall(r"audience=(\S+)", calls.read_text())
+    assert audiences[:3] == [
+        "sts.amazonaws.com",
+        "api://AzureADTokenExchange",
+        "https://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/gh",
+    ]
+
+
+def test_one_comment_per_pull_request_edited_in_place() -> None:
+    posting = [s for s in steps() if "issues/$PR/comments" in str(s.get("run", ""))]
+    assert len(posting) == 1, "one step writes the comment"
+    run = posting[0]["run"]
+    assert "--method PATCH" in run and "--method POST" in run and "startswith" in run
+    assert "devtools/pr_comment.py" in run
+    assert list(workflow()["jobs"]) == [JOB], "one job: no comment per stack or per job"
+
+
+def test_the_kubernetes_part_is_excluded_from_the_preview_and_shown_by_the_render_diff() -> None:
+    run = preview_step()["run"]
+    assert '--exclude "$urn" --exclude-dependents' in run
+    assert "::tailscale-egress::pulumi:providers:kubernetes::cluster" in run
+    runs = "\n".join(str(s.get("run", "")) for s in steps())
     assert "devtools/render_diff.py --base HEAD^1" in runs
     assert "devtools/policy_check.py" in runs
     assert "GITHUB_STEP_SUMMARY" in runs
 
 
-def test_the_stacks_are_listed_in_one_place_and_each_has_its_stack_file() -> None:
-    doc = workflow()
-    for job in ("render", "preview"):
-        assert doc["jobs"][job]["strategy"]["matrix"]["stack"] == "${{ fromJSON(needs.stacks.outputs.list) }}"
+def test_the_stacks_are_listed_in_one_place_and_are_preview_stacks_holding_no_credentials() -> None:
+    assert "devtools/render_diff.py --list-stacks" in step("stacks")["run"]
     stacks = render_diff.read_stacks(render_diff.STACKS_FILE)
+    assert "dev" not in stacks, "the example stack is not the one CI previews"
     for stack in stacks:
-        assert repo_path(render_diff.stack_file_name(stack)).is_file(), stack
+        path = repo_path(render_diff.stack_file_name(stack))
+        assert path.is_file(), stack
+        config = yaml.safe_load(path.read_text()).get("config", {})
+        # A provider credential in the stack's file would override CI's read-only one.
+        assert not [k for k in config if k.split(":")[0] in ("hcloud", "tailscale", "kubernetes")], stack
 
 
 def test_the_make_targets_and_scripts_the_workflow_runs_exist() -> None:
@@ -148,6 +267,28 @@ def test_the_make_targets_and_scripts_the_workflow_runs_exist() -> None:
             assert re.search(rf"^{re.escape(name)}:", makefile, flags=re.MULTILINE), f"make {name}"
     for script in re.findall(r"(?<![\w/])(?:dev)?tools/\w+\.py", runs):
         assert repo_path(script).is_file(), script
+
+
+# --- devtools/pr_comment.py: the one comment ---
+
+
+def test_the_comment_holds_the_render_diff_and_each_stacks_preview_under_one_marker() -> None:
+    text = pr_comment.combine("render part", {"preview": ("+ create server\nResources: 1 to create", 0)})
+    assert text.startswith(pr_comment.MARKER + "\n")
+    assert text.index("render part") < text.index("### `preview`: pulumi preview succeeded")
+    assert "Resources: 1 to create" in text
+    failed = pr_comment.combine("r", {"a": ("error: boom", 255)})
+    assert "pulumi preview failed (exit 255)" in failed
+
+
+def test_a_skipped_preview_says_why_and_a_long_one_is_cut_to_fit() -> None:
+    skipped = pr_comment.combine("r", {}, skipped="no backend configured")
+    assert "Skipped: no backend configured" in skipped
+    long = "\n".join(f"line {i} " + "x" * 80 for i in range(5000)) + "\nResources: 3 to update"
+    text = pr_comment.combine("r" * 30_000, {"a": (long, 0), "b": (long, 0)})
+    assert len(text) <= pr_comment.LIMIT
+    assert text.count("Resources: 3 to update") == 2, "the end of each output is kept"
+    assert len(re.findall(r"^`{3,}", text, flags=re.MULTILINE)) % 2 == 0
 
 
 # --- devtools/render_diff.py on recorded renders ---
