@@ -42,8 +42,13 @@ mod="$SRC/hcloud-provider-v$SDK_VERSION"
 out="$dir/pulumi-resource-hcloud"
 log="$dir/build.log"
 
-# What the plugin is built from: the module's files and the version it reports.
-fingerprint=$(cd "$MODULE_DIR" && { echo "version $SDK_VERSION"; sha256sum go.mod go.sum ./*.go; } | sha256sum | cut -d' ' -f1)
+# What the plugin is built from: the module's files, this script's steps and
+# the version it reports.
+fingerprint=$(cd "$MODULE_DIR" && {
+    echo "version $SDK_VERSION"
+    sha256sum go.mod go.sum ./*.go
+    sha256sum < "$REPO/scripts/build-hcloud-provider.sh"
+} | sha256sum | cut -d' ' -f1)
 
 run() {
     echo "+ (cd $PWD && $*)" >> "$log"
@@ -69,11 +74,14 @@ else
     run go build -tags tfgen -ldflags "-X main.version=$SDK_VERSION" -o pulumi-tfgen-hcloud .
     run ./pulumi-tfgen-hcloud schema --skip-docs --out gen
     [[ -s gen/schema.json && -s gen/bridge-metadata.json ]] || die "tfgen wrote no schema.json or bridge-metadata.json in $mod/gen"
-    # Step 2: the plugin, with both embedded.
-    cp gen/schema.json gen/bridge-metadata.json .
+    # Step 2: the plugin, with both embedded; tfgen leaves the version out of
+    # the schema (as upstream's generate step adds it, so does this).
+    cp gen/bridge-metadata.json .
+    sed '0,/^    "name": "hcloud",$/s//    "name": "hcloud",\n    "version": "'"$SDK_VERSION"'",/' gen/schema.json > schema.json
+    grep -q "^    \"version\": \"$SDK_VERSION\",\$" schema.json || die "could not set the version in $mod/schema.json"
     run go build -ldflags "-X main.version=$SDK_VERSION" -o "$out.new" .
     mv -f "$out.new" "$out"
-    install -m 0644 gen/schema.json "$dir/schema.json"
+    install -m 0644 schema.json "$dir/schema.json"
     echo "$fingerprint" > "$dir/SOURCE"
 fi
 ln -sfn "pulumi-resource-hcloud-v$SDK_VERSION/pulumi-resource-hcloud" "$BIN/pulumi-resource-hcloud"

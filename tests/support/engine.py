@@ -89,6 +89,13 @@ class Engine:
             )  # fmt: skip
         return self
 
+    def install_plugin(self, name: str, version: str, binary: Path) -> None:
+        """Installs the resource plugin `binary` (built by the repo's scripts) into
+        this home as `name` at `version`, once: what the engine runs for a
+        program whose SDK asks for that plugin and version."""
+        if not (self.home / "plugins" / f"resource-{name}-v{version}" / f"pulumi-resource-{name}").exists():
+            self.cli("plugin", "install", "resource", name, version, "--file", str(binary))
+
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """The Pulumi CLI itself, for what the Automation API does not cover."""
         env = {**os.environ, **self.env}
