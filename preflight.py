@@ -396,7 +396,7 @@ def check_tailnet_policy(cfg: StackConfig) -> Mapping[str, Any] | None:
         return policy
     problems = policy_problems(policy, exit_tag, relay_tag)
     if problems:
-        raise PreflightError(preflight_message(problems, exit_tag, relay_tag))
+        raise PreflightError(preflight_message(problems, exit_tag, relay_tag, policy))
     for warning in policy_warnings(policy, exit_tag, relay_tag):
         pulumi.log.warn(warning)
     return policy

@@ -245,6 +245,17 @@ def test_the_refusal_prints_the_grant_via_the_exit_node() -> None:
     assert '"tests"' in message
 
 
+def test_the_refusal_prints_tests_for_the_users_own_devices_and_ports() -> None:
+    # The tests to paste cover what this tailnet has: its own tags and the ports its rules name.
+    policy = stack_policy(
+        tagOwners={**OWNERS, "tag:nas": ["group:ops"]},
+        grants=[{"src": ["autogroup:member"], "dst": ["tag:nas"], "ip": ["tcp:47123"]}],
+    )
+    del policy["tests"]
+    message = refused(dev_config(), policy)
+    assert '"tag:nas:47123"' in message and '"autogroup:member:47123"' in message
+
+
 # --------------------------------------------------------------- the managed policy
 def test_the_managed_policy_routes_via_the_exit_node_and_carries_the_tests() -> None:
     existing = {
