@@ -149,13 +149,13 @@ def failure_text(error: auto.CommandError) -> str:
 
 
 class TestDeploy:
-    def test_preview_plans_the_firewall_and_the_server_and_writes_nothing(
+    def test_preview_plans_the_firewall_and_the_server_without_calling_the_api(
         self, engine: Engine, api: HetznerAPI
     ) -> None:
         stack = new_stack(engine, api, "preview")
         result = stack.preview()
         assert result.change_summary.get(auto.OpType.CREATE) == 4  # stack, component, firewall, server
-        assert writes(api) == []
+        assert api.calls == []
 
     def test_up_creates_the_firewall_and_the_server_with_the_rendered_user_data(
         self, engine: Engine, api: HetznerAPI, hooks: RecordingHooks
