@@ -109,6 +109,12 @@ CATALOGUE = Catalogue(
 
 
 class ServerHooks(Protocol):
+    """What happens to the machine behind a server. Called with the API's lock
+    held and before the answer is sent, as Hetzner answers once the action is
+    accepted: a hook that boots or stops a real VM starts it and returns (the
+    provider polls the action, not the VM). The server is "off" once
+    `on_server_shutdown` returns."""
+
     def on_server_created(self, server: Json, user_data: str) -> None: ...
 
     def on_server_shutdown(self, server: Json, command: Literal["shutdown", "poweroff"]) -> None: ...
