@@ -50,7 +50,9 @@ def preview_step() -> dict[str, Any]:
     return step("pulumi preview of each stack")
 
 
-def run_step(tmp_path: Path, found: dict[str, Any], env: dict[str, str], path: str | None = None) -> dict[str, str]:
+def run_step(
+    tmp_path: Path, found: dict[str, Any], env: dict[str, str], path: str | None = None, cwd: Path | None = None
+) -> dict[str, str]:
     """Run a `run:` step of the workflow in bash as the runner would: its
     outputs and the variables it exports, plus its stdout as `stdout`."""
     output, github_env = tmp_path / "output", tmp_path / "env"
@@ -68,7 +70,7 @@ def run_step(tmp_path: Path, found: dict[str, Any], env: dict[str, str], path: s
         capture_output=True,
         text=True,
         check=False,
-        cwd=repo_path(),
+        cwd=cwd or repo_path(),
     )
     assert done.returncode == 0, done.stderr
     lines = output.read_text().splitlines() + github_env.read_text().splitlines()
@@ -226,6 +228,29 @@ def test_oidc_gives_each_configured_backend_short_lived_credentials(tmp_path: Pa
         "api://AzureADTokenExchange",
         "https://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/gh",
     ]
+
+
+def test_each_stack_is_previewed_and_one_failure_fails_the_step_after_all_ran(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "pulumi.log"
+    # A pulumi whose preview of `broken` fails.
+    (bin_dir / "pulumi").write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        'case "$*" in *"--stack acme/tailscale-egress/broken"*) echo boom; exit 255;; esac\n'
+        "echo 'Resources: 2 unchanged'\n"
+    )
+    (bin_dir / "pulumi").chmod(0o755)
+    found = dict(preview_step())
+    found["run"] = found["run"].replace('exit "$status"', 'echo "status=$status" >> "$GITHUB_OUTPUT"')
+    env = {"STACKS": "preview acme/tailscale-egress/broken", "PULUMI_BACKEND_URL": "s3://bucket"}
+    out = run_step(tmp_path, found, env, f"{bin_dir}:{os.environ['PATH']}", cwd=tmp_path)
+    assert out["status"] == "1"
+    previews = pr_comment.read_previews(tmp_path / "build" / "preview")
+    assert previews == {"preview": ("Resources: 2 unchanged\n", 0), "broken": ("boom\n", 255)}
+    logged = calls.read_text().splitlines()
+    assert logged[0] == "login s3://bucket"
+    assert "--exclude urn:pulumi:broken::tailscale-egress::pulumi:providers:kubernetes::cluster" in logged[2]
 
 
 def test_one_comment_per_pull_request_edited_in_place() -> None:
