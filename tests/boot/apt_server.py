@@ -21,6 +21,10 @@ from pathlib import Path
 
 class Handler(SimpleHTTPRequestHandler):
     log_path: Path
+    # Keep-alive with a Content-Length on every answer, as a real mirror: with
+    # HTTP/1.0 the server ends each TLS connection without a close_notify,
+    # which apt (OpenSSL 3) reports as "unexpected eof while reading".
+    protocol_version = "HTTP/1.1"
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         with self.log_path.open("a") as f:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import re
 import secrets
 import socket
@@ -261,7 +260,7 @@ class Vm:
         while time.monotonic() < deadline:
             tok = secrets.token_hex(4)
             self._send(f"echo __TSE_READY_{tok}\n")
-            if self._read_until(re.compile(rf"__TSE_READY_{tok}"), 3):
+            if self._read_until(re.compile(rf"__TSE_READY_{tok}\n"), 3):
                 return time.monotonic() - t0
         raise VmError(
             f"{self.spec.name}: the guest agent did not answer in {timeout:.0f}s; console:\n{self.console_tail()}"
@@ -272,7 +271,7 @@ class Vm:
         tok = secrets.token_hex(6)
         b64 = base64.b64encode(script.encode()).decode()
         self._send(f'bash -c "$(echo {b64} | base64 -d)" </dev/null 2>&1; echo; echo "__TSE_DONE_{tok}_$?"\n')
-        m = self._read_until(re.compile(rf"(?s)(.*?)\n?__TSE_DONE_{tok}_(\d+)"), timeout)
+        m = self._read_until(re.compile(rf"(?s)(.*?)\n?__TSE_DONE_{tok}_(\d+)\n"), timeout)
         if m is None:
             raise VmError(f"{self.spec.name}: no answer in {timeout:.0f}s to: {script}")
         out = m.group(1)
@@ -323,11 +322,3 @@ def tap_up(netns: str, tap: str, address: str) -> None:
         ["ip", "link", "set", tap, "up"],
     ):
         subprocess.run(["ip", "netns", "exec", netns, *args], check=True, capture_output=True, timeout=30)
-
-
-def free_mac(index: int) -> str:
-    return f"52:54:00:7e:00:{index:02x}"
-
-
-def env_with(**extra: str) -> dict[str, str]:
-    return {**os.environ, **extra}
