@@ -53,16 +53,16 @@ def plugin() -> Path:
     return bin_dir() / "pulumi-resource-hcloud"
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
+def hcloud_engine(state: Path) -> Engine:
+    """A Pulumi home with the hcloud plugin, a file backend and a project directory."""
     missing = [str(p) for p in (bin_dir() / "pulumi", plugin()) if not p.exists()]
     if missing:
         message = f"not built: {', '.join(missing)}; run `make engine-bins` (scripts/build-hcloud-provider.sh)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    shutil.rmtree(STATE, ignore_errors=True)
-    engine = Engine(STATE)
+    shutil.rmtree(state, ignore_errors=True)
+    engine = Engine(state)
     for directory in (engine.home, engine.backend, engine.workdir):
         directory.mkdir(parents=True)
     # As Engine.setup, without the Kubernetes plugin this program does not use.
@@ -75,7 +75,18 @@ def engine() -> Iterator[Engine]:
         "PULUMI_IGNORE_AMBIENT_PLUGINS": "true",
     }
     engine.install_plugin("hcloud", SDK_VERSION, plugin())
-    yield engine
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return hcloud_engine(STATE / "one")
+
+
+@pytest.fixture(scope="module")
+def other_engine() -> Engine:
+    """A second developer's backend, deploying into the same Hetzner project."""
+    return hcloud_engine(STATE / "other")
 
 
 @pytest.fixture
@@ -103,7 +114,7 @@ def exit_node_program() -> None:
             exit_node=exit_node,
             names=StackNames.for_stack(pulumi.get_project(), pulumi.get_stack()),
             auth_key=pulumi.Output.secret(AUTH_KEY),
-            key_id=pulumi.Output.from_input(KEY_ID),
+            key_id=pulumi.Output.from_input(config.get("keyId") or KEY_ID),
         ),
     )
     pulumi.export("hostname", node.hostname)
@@ -199,6 +210,33 @@ class TestDeploy:
         # Pulumi's marker of an encrypted secret value, in inputs and outputs.
         for side in ("inputs", "outputs"):
             assert server[side]["userData"][SECRET_SIG] == SECRET_MARKER, side
+
+
+class TestTwoDevelopers:
+    def test_two_dev_stacks_in_one_project_are_told_apart_by_their_key_and_both_deploy(
+        self, engine: Engine, other_engine: Engine, api: HetznerAPI
+    ) -> None:
+        mine = new_stack(engine, api, "dev", keyId="kAlice1CNTRL")
+        theirs = new_stack(other_engine, api, "dev", keyId="kBob22CNTRL")
+        mine.up()
+        theirs.up()
+        assert len({s["name"] for s in api.servers.values()}) == 2
+        assert len({f["name"] for f in api.firewalls.values()}) == 2
+
+    def test_names_that_collide_in_the_project_fail_the_second_up_with_hetzner_s_uniqueness_error(
+        self, engine: Engine, other_engine: Engine, api: HetznerAPI
+    ) -> None:
+        first = new_stack(engine, api, "twin")
+        second = new_stack(other_engine, api, "twin")
+        first.up()
+        before = {i: dict(f) for i, f in api.firewalls.items()}, {i: s["name"] for i, s in api.servers.items()}
+        with pytest.raises(auto.CommandError) as failed:
+            second.up()
+        assert "name is already used (uniqueness_error" in failure_text(failed.value)
+        assert (
+            {i: dict(f) for i, f in api.firewalls.items()},
+            {i: s["name"] for i, s in api.servers.items()},
+        ) == before
 
 
 class TestChange:
