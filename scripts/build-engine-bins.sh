@@ -8,9 +8,10 @@
 #   kubelet, kube-proxy         (k8s.io/kubernetes, one build)
 #   etcd                        (go.etcd.io/etcd/server/v3 etcdmain)
 #   kwok                        (fake nodes: makes scheduled pods Running/Ready)
+#   pulumi-resource-hcloud      the hcloud provider plugin (scripts/build-hcloud-provider.sh)
 #
 # Usage: build-engine-bins.sh [component...]   components: pulumi provider
-#        kubernetes (with etcd) kwok; default: all. KUBE_EXTRA="<cmd> ..." adds
+#        hcloud kubernetes (with etcd) kwok; default: all. KUBE_EXTRA="<cmd> ..." adds
 #        more k8s.io/kubernetes/cmd/<cmd> to the one kubernetes build.
 #
 # Idempotent: a binary already built for the pinned version is kept.
@@ -19,6 +20,9 @@
 # be `go install`ed by version: each is built from a throwaway module under
 # $TS_EGRESS_CACHE/src/ that requires it and repeats the replaces it needs.
 set -euo pipefail
+
+# This script's directory (the builds below cd into the cache).
+SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # The Pulumi CLI: the pinned SDK is 3.272.0, but the proxy refuses
 # pkg/v3@v3.272.0; v3.274.1 is the nearest version it serves.
@@ -286,7 +290,7 @@ build_kwok() {
 
 main() {
     local components=("$@")
-    [[ ${#components[@]} -gt 0 ]] || components=(pulumi provider kubernetes kwok)
+    [[ ${#components[@]} -gt 0 ]] || components=(pulumi provider hcloud kubernetes kwok)
     mkdir -p "$BIN" "$SRC"
     local c start
     for c in "${components[@]}"; do
@@ -296,7 +300,8 @@ main() {
             provider) build_provider ;;
             kubernetes | etcd) build_kubernetes ;;
             kwok) build_kwok ;;
-            *) die "unknown component '$c' (known: pulumi provider kubernetes etcd kwok)" ;;
+            hcloud) bash "$SCRIPTS/build-hcloud-provider.sh" ;;
+            *) die "unknown component '$c' (known: pulumi provider hcloud kubernetes etcd kwok)" ;;
         esac
         took "$c" "$start"
         cd "$CACHE"
@@ -310,7 +315,7 @@ ETCD_VERSION=$ETCD_VERSION
 KWOK_VERSION=$KWOK_VERSION
 VERSIONS
     echo "binaries:"
-    for b in pulumi pulumi-analyzer-policy-python pulumi-resource-kubernetes "${KUBE_CMDS[@]}" etcd kwok; do
+    for b in pulumi pulumi-analyzer-policy-python pulumi-resource-kubernetes pulumi-resource-hcloud "${KUBE_CMDS[@]}" etcd kwok; do
         [[ -e "$BIN/$b" ]] && echo "  $BIN/$b"
     done
     return 0
