@@ -6,7 +6,7 @@ protected namespaces --(proxy)--> relay --(tailnet)--> exit node VM --> internet
 import pulumi
 import pulumi_kubernetes as k8s
 
-from builders.names import StackNames
+from builders.names import StackNames, vm_spec
 from builders.network_policies import relay_egress
 from builders.proxy_env import PROXY_CONFIGMAP, proxy_environment
 from builders.relay import PROXY_PORTS, relay_host
@@ -38,6 +38,7 @@ tailnet = TailnetAccess(
         names,
         needs_exit_node_key=cfg.exit_node.managed,
         current_policy=current_policy,
+        exit_node_spec=vm_spec(cfg.exit_node.server_type, cfg.exit_node.location, cfg.exit_node.image),
         supplied_relay_key=given_relay_key,
     ),
 )

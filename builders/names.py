@@ -67,3 +67,15 @@ class StackNames:
 def _generation_suffix(generation: str) -> str:
     # Tailscale key IDs end in a constant "CNTRL"; the part before it varies.
     return dns_label(generation).removesuffix("cntrl").rstrip("-")[-8:]
+
+
+def vm_spec(server_type: str, location: str, image: str) -> str:
+    """A short digest of what the exit node VM cannot change in place.
+
+    It goes into the exit node key's description, which replaces the key
+    when it changes, and a new key is a new VM generation: new hostname, new
+    firewall, new user_data, so the server is replaced (created before the old
+    one is shut down and deleted) instead of resized in place, which the hcloud
+    provider does with a hard power-off and leaves the VM off.
+    """
+    return hashlib.sha256(f"{server_type}/{location}/{image}".encode()).hexdigest()[:8]

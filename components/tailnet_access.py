@@ -37,6 +37,8 @@ class TailnetAccessArgs:
     names: StackNames
     needs_exit_node_key: bool
     current_policy: Mapping[str, Any] | None
+    # builders.names.vm_spec of the exit node: a new one mints a new key, and so a new VM.
+    exit_node_spec: str = ""
     # Given by the user (`relayAuthKey`): no Tailscale API is used at all.
     supplied_relay_key: pulumi.Output[str] | None = None
 
@@ -71,15 +73,15 @@ class TailnetAccess(pulumi.ComponentResource):
         if args.needs_exit_node_key:
             exit_key = tailscale.TailnetKey(
                 f"{name}-exit-node-key",
-                description=args.names.key_description("exit node"),
+                description=args.names.key_description(f"exit node {args.exit_node_spec}".strip()),
                 tags=[t.exit_node_tag],
                 reusable=False,
                 ephemeral=True,
                 preauthorized=True,
                 expiry=t.exit_node_key_expiry_seconds,
-                # Spent once the VM joins; a new key would replace the VM.
+                # Spent once the VM joins; a new key replaces the VM.
                 recreate_if_invalid="never",
-                opts=child,
+                opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(replace_on_changes=["description"])),
             )
             self.exit_node_auth_key = pulumi.Output.secret(exit_key.key)
             self.exit_node_key_id = exit_key.id

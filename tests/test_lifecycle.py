@@ -6,7 +6,9 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
 from builders.cloud_init import LOGOUT_UNIT, logout_script, logout_unit
@@ -175,6 +177,31 @@ def test_a_new_exit_node_key_means_a_new_vm_with_a_new_hostname() -> None:
     key_id = "k" + __import__("devtools.mockstack", fromlist=["_short_hash"])._short_hash(exit_key.name)
     assert server.plain()["name"].endswith(key_id[-8:].lower())
     assert dev().outputs["exitNodeHostname"] == server.plain()["name"]
+
+
+@pytest.mark.parametrize(
+    "change", [{"serverType": "cpx22"}, {"location": "hel1"}, {"image": "debian-13"}], ids=lambda c: next(iter(c))
+)
+def test_a_change_the_vm_cannot_take_in_place_mints_a_new_key_and_so_a_new_vm(change: dict[str, str]) -> None:
+    # The hcloud provider resizes a server in place with a hard power-off and leaves it off (seen with the
+    # real plugin, tests/engine/test_hcloud_provider.py): the exit node would be gone. The VM's spec is in the
+    # exit node key's description, which replaces the key when it changes (replace_on_changes), and a new key
+    # is a new VM generation (hostname, firewall, user_data), created before the old VM is shut down.
+    def exit_key_description(config: dict[str, Any]) -> str:
+        evaluation = evaluate(config, "dev")
+        assert evaluation.error is None, evaluation.error
+        description: str = evaluation.one("tailscale:index/tailnetKey:TailnetKey", "tailnet-exit-node-key").plain()[
+            "description"
+        ]
+        return description
+
+    before = exit_key_description(dev_config())
+    assert exit_key_description(dev_config()) == before, "the same spec must keep the key (and the VM)"
+    after = exit_key_description(with_config(dev_config(), "exitNode", **change))
+    assert after != before and len(after) <= 50
+    # An SSH rule changes only the firewall, in place: no new VM for it.
+    ssh = exit_key_description(with_config(dev_config(), "exitNode", sshAllowedCidrs=["198.51.100.7/32"]))
+    assert ssh == before
 
 
 def test_bring_your_own_exit_node_creates_nothing_on_hetzner() -> None:
