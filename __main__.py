@@ -18,11 +18,12 @@ from components.node_guard import NodeGuard, NodeGuardArgs
 from components.protected_namespace import ProtectedNamespace, ProtectedNamespaceArgs
 from components.tailnet_access import TailnetAccess, TailnetAccessArgs
 from config import PROJECT, load_config
-from preflight import check_environment, check_tailnet_policy
+from preflight import check_environment, check_exit_node_offer, check_tailnet_policy
 
 # 1. Configuration and preflight: every problem is reported before anything is created.
 cfg = load_config()
 cluster_now = check_environment(cfg)
+check_exit_node_offer(cfg.exit_node)
 current_policy = check_tailnet_policy(cfg)
 names = StackNames.for_stack(pulumi.get_project(), pulumi.get_stack())
 policies_now = cluster_now.network_policies if cluster_now else None

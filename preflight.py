@@ -1,6 +1,7 @@
 """Checks that run after the configuration is valid and before any resource
-is created: credentials, the Kubernetes cluster, the tailnet policy. Each
-failure names the key, the value and the command that fixes it."""
+is created: credentials, the Kubernetes cluster, the tailnet policy, the
+exit node's server type in its location. Each failure names the key, the
+value and the command that fixes it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pulumi
+import pulumi_hcloud as hcloud
 import pulumi_tailscale as tailscale
 import yaml
 
@@ -27,7 +29,7 @@ from builders.tailnet_policy import (
     policy_warnings,
     preflight_message,
 )
-from config import StackConfig
+from config import ExitNodeConfig, StackConfig
 
 # Set by tools/render.py: nothing is contacted, so nothing is checked but config.
 OFFLINE_ENV = "TAILSCALE_EGRESS_OFFLINE"
@@ -400,3 +402,36 @@ def check_tailnet_policy(cfg: StackConfig) -> Mapping[str, Any] | None:
     for warning in policy_warnings(policy, exit_tag, relay_tag):
         pulumi.log.warn(warning)
     return policy
+
+
+def server_type_problem(server_type: str, location: str, offered: Mapping[str, bool]) -> str | None:
+    """Why `server_type` cannot be created in `location`, given where Hetzner
+    offers it (location -> available now); None when it can."""
+    if offered.get(location):
+        return None
+    elsewhere = sorted(loc for loc, available in offered.items() if available)
+    why = "is not sold" if location not in offered else "is not available at the moment"
+    choices = (
+        f"it is sold in {', '.join(elsewhere)}: pulumi config set --path exitNode.location {elsewhere[0]}"
+        if elsewhere
+        else "it is sold nowhere now"
+    )
+    return (
+        f"tailscale-egress:exitNode.serverType = {server_type!r} {why} in exitNode.location = {location!r};"
+        f" {choices}, or choose another server type (pulumi config set --path exitNode.serverType <type>;"
+        " cpx22 is sold in every location)"
+    )
+
+
+def check_exit_node_offer(exit_node: ExitNodeConfig) -> None:
+    """Asks Hetzner, through the hcloud provider (getServerType), whether the
+    exit node's server type is offered in its location, before the tailnet
+    keys are minted and the firewall is created: otherwise the server's
+    create fails half-way through `pulumi up`."""
+    if not exit_node.managed:
+        return
+    offer = hcloud.get_server_type(name=exit_node.server_type)
+    offered = {loc.name: bool(loc.available) for loc in offer.locations or []}
+    problem = server_type_problem(exit_node.server_type, exit_node.location, offered)
+    if problem:
+        raise PreflightError(f"cannot deploy yet:\n  - {problem}")

@@ -25,6 +25,7 @@ from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
 from builders.tailnet_policy import policy_tests
+from config import HETZNER_SERVER_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "tailscale-egress"
@@ -37,6 +38,13 @@ PERMISSIVE_POLICY: dict[str, Any] = {
     "tagOwners": {"tag:egress-exit": ["autogroup:admin"], "tag:egress-relay": ["autogroup:admin"]},
     "grants": [{"src": ["tag:egress-relay"], "dst": ["autogroup:internet"], "ip": ["*"]}],
     "tests": policy_tests("tag:egress-exit", "tag:egress-relay"),
+}
+# Where Hetzner sells each server type (its /server_types), for getServerType:
+# the cost-optimised x86 (cx) and Arm (cax) types only in Europe.
+EU_LOCATIONS: tuple[str, ...] = ("fsn1", "nbg1", "hel1")
+ALL_LOCATIONS: tuple[str, ...] = (*EU_LOCATIONS, "ash", "hil", "sin")
+HETZNER_OFFER: dict[str, tuple[str, ...]] = {
+    t: EU_LOCATIONS if t.startswith(("cx", "cax")) else ALL_LOCATIONS for t in HETZNER_SERVER_TYPES
 }
 EXIT_NODE_TAILNET_IP = "100.101.102.103"
 EXIT_NODE_PUBLIC_IPV4 = "203.0.113.10"
@@ -87,6 +95,18 @@ class FakeProviders(pulumi.runtime.Mocks):
                 "nodeId": f"n{_short_hash(hostname)}CNTRL",
                 "authorized": True,
                 "tags": ["tag:egress-exit"],
+            }
+        if args.token == "hcloud:index/getServerType:getServerType":
+            name = args.args.get("name", "")
+            locations = [
+                {"name": loc, "id": i, "available": True, "recommended": False, "isDeprecated": False,
+                 "deprecationAnnounced": "", "unavailableAfter": ""}
+                for i, loc in enumerate(HETZNER_OFFER.get(name, ()), start=1)
+            ]  # fmt: skip
+            return {
+                "id": 100 + sorted(HETZNER_OFFER).index(name) if name in HETZNER_OFFER else 0,
+                "name": name,
+                "locations": locations,
             }
         raise NotImplementedError(f"no fake for invoke {args.token}")
 

@@ -14,7 +14,7 @@ import pytest
 from builders.tailnet_policy import policy_tests
 from config import ConfigError, StackConfig, check_config, parse_config
 from devtools.mockstack import FakeProviders, evaluate
-from preflight import PreflightError, protected_namespace_problems
+from preflight import PreflightError, protected_namespace_problems, server_type_problem
 from tests.stacks import dev_config, pinned_config, repo_path, with_config
 from tools.check_stack_file import main as check_stack_file_main
 
@@ -419,3 +419,23 @@ def test_render_of_a_stack_without_a_stack_file_says_how_to_create_one(capsys: p
     err = capsys.readouterr().err
     assert "pulumi stack init no-such-stack" in err
     assert "cp Pulumi.dev.yaml Pulumi.no-such-stack.yaml" in err
+
+
+# A server type Hetzner does not sell in the chosen location: asked of Hetzner before anything is created.
+
+
+def test_a_server_type_not_sold_in_the_location_is_refused_before_anything_is_created() -> None:
+    result = evaluate(with_config(dev_config(), "exitNode", serverType="cax11", location="ash"), "notsold")
+    assert isinstance(result.error, pulumi.RunError), repr(result.error)
+    assert result.resources == [], [r.name for r in result.resources]
+    assert (
+        "tailscale-egress:exitNode.serverType = 'cax11' is not sold in exitNode.location = 'ash'; it is sold in"
+        " fsn1, hel1, nbg1: pulumi config set --path exitNode.location fsn1, or choose another server type"
+    ) in str(result.error)
+
+
+def test_a_server_type_sold_but_not_available_now_says_so() -> None:
+    problem = server_type_problem("cx23", "fsn1", {"fsn1": False, "nbg1": True})
+    assert problem is not None and "'cx23' is not available at the moment in exitNode.location = 'fsn1'" in problem
+    assert "pulumi config set --path exitNode.location nbg1" in problem
+    assert server_type_problem("cx23", "nbg1", {"fsn1": False, "nbg1": True}) is None

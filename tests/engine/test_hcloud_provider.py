@@ -33,6 +33,7 @@ from builders.cloud_init import ExitNodeBoot, render_cloud_init
 from builders.names import StackNames
 from components.exit_node import HetznerExitNode, HetznerExitNodeArgs
 from config import ExitNodeConfig
+from preflight import check_exit_node_offer
 from tests.support.apiserver import bin_dir, cache_dir
 from tests.support.engine import PASSPHRASE, Engine, export_state
 from tests.support.hetzner_api import HetznerAPI, RecordingHooks
@@ -121,11 +122,21 @@ def exit_node_program() -> None:
     pulumi.export("public_ips", node.public_ips)
 
 
+def preflighted_program() -> None:
+    """The program's order: the preflight asks Hetzner whether the server type is sold in the location
+    (preflight.check_exit_node_offer, through the plugin's getServerType) before anything is created."""
+    config = pulumi.Config("test")
+    check_exit_node_offer(
+        ExitNodeConfig(location=config.get("location") or "fsn1", server_type=config.get("serverType") or "cx23")
+    )
+    exit_node_program()
+
+
 def new_stack(engine: Engine, api: HetznerAPI, name: str, token: str = TOKEN, **settings: str) -> auto.Stack:
     stack = auto.create_or_select_stack(
         stack_name=name,
         project_name=PROJECT,
-        program=exit_node_program,
+        program=preflighted_program if settings.pop("preflight", "") else exit_node_program,
         opts=auto.LocalWorkspaceOptions(
             work_dir=str(engine.workdir),
             pulumi_home=str(engine.home),
@@ -316,6 +327,21 @@ class TestBadInput:
         assert "unsupported location for server type (invalid_input" in failure_text(failed.value)
         assert api.servers == {}
 
+    def test_the_preflight_refuses_a_server_type_not_sold_in_the_location_before_any_write(
+        self, engine: Engine, api: HetznerAPI
+    ) -> None:
+        stack = new_stack(engine, api, "preflight", serverType="cax11", location="ash", preflight="1")
+        with pytest.raises(auto.CommandError) as failed:
+            stack.up()
+        text = failure_text(failed.value)
+        assert "tailscale-egress:exitNode.serverType = 'cax11' is not sold in exitNode.location = 'ash'" in text
+        assert "pulumi config set --path exitNode.location fsn1" in text
+        assert writes(api) == [] and api.firewalls == {} and api.servers == {}
+        # Where it is sold, the same program goes on to create the exit node.
+        stack.set_config("test:location", auto.ConfigValue("hel1"))
+        stack.up()
+        assert len(api.servers) == 1
+
     def test_an_api_failure_mid_up_then_a_second_up_converges_with_nothing_orphaned(
         self, engine: Engine, api: HetznerAPI
     ) -> None:
@@ -404,6 +430,14 @@ def test_the_plugin_reports_the_sdk_version(plugin_schema: dict[str, Any]) -> No
     assert (plugin_schema["name"], plugin_schema["version"]) == ("hcloud", SDK_VERSION)
     reported = subprocess.run([str(plugin()), "-version"], capture_output=True, text=True, check=True, timeout=60)
     assert reported.stdout.strip() == SDK_VERSION
+
+
+def test_the_plugin_s_get_server_type_returns_what_the_preflight_reads(plugin_schema: dict[str, Any]) -> None:
+    outputs = plugin_schema["functions"]["hcloud:index/getServerType:getServerType"]["outputs"]["properties"]
+    location = plugin_schema["types"][outputs["locations"]["items"]["$ref"].removeprefix("#/types/")]
+    assert {"name", "available"} <= set(location["properties"])
+    # And the pinned SDK reads them under the names the preflight uses.
+    assert all(hasattr(hcloud.outputs.GetServerTypeLocationResult, a) for a in ("name", "available"))
 
 
 @pytest.mark.parametrize("token", sorted(USED_RESOURCES))
