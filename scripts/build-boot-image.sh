@@ -201,7 +201,7 @@ REPO_RECIPE=3
 
 stamp_of() { sha256sum | cut -c1-16; }
 
-build_disk() {  # <image> <codename> <dhcp client package>
+build_disk() {  # <image> <codename> <the image's own extra packages: DHCP client, ...>
     local image=$1 codename=$2 dhcp=$3 dir="$BOOT/$1" inputs
     inputs=$( (echo "$DISK_RECIPE $BASE_PACKAGES,$dhcp $DOC_PACKAGES"; cat "$BOOT/keys/signing-key.asc" "$BOOT/keys/ca.crt") \
         | stamp_of)
@@ -338,7 +338,9 @@ images=("$@")
 for image in "${images[@]}"; do
     case "$image" in
         debian-12) build_disk debian-12 bookworm isc-dhcp-client ;;
-        debian-13) build_disk debian-13 trixie dhcpcd-base ;;
+        # trixie's minbase lacks e2fsprogs (no longer Priority: required);
+        # Hetzner's image has it, and cloud-init's resizefs needs resize2fs.
+        debian-13) build_disk debian-13 trixie dhcpcd-base,e2fsprogs ;;
         *) die "unknown image $image (debian-12, debian-13; Ubuntu's archive is not reachable here)" ;;
     esac
     [ -n "${DISK_ONLY:-}" ] || build_repos "$image"
