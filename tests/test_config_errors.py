@@ -12,7 +12,7 @@ import pulumi
 import pytest
 
 from builders.tailnet_policy import policy_tests
-from config import ConfigError, StackConfig, check_config, parse_config
+from config import ConfigError, check_config, parse_config
 from devtools.mockstack import FakeProviders, evaluate
 from preflight import PreflightError, protected_namespace_problems, server_type_problem
 from tests.stacks import dev_config, pinned_config, repo_path, with_config
@@ -191,13 +191,6 @@ def test_a_legacy_acl_rule_to_the_internet_satisfies_the_policy_check() -> None:
         "tests": policy_tests("tag:egress-exit", "tag:egress-relay"),
     }
     assert evaluate(dev_config(), "ok", fakes=FakeProviders(policy=policy)).error is None
-
-
-def test_the_readme_documents_every_key() -> None:
-    readme = repo_path("README.md").read_text()
-    for section, keys in StackConfig().model_dump(by_alias=True).items():
-        for key in keys:
-            assert f"| `{section}.{key}` |" in readme, f"{section}.{key} is missing from the README's reference"
 
 
 # Pinned relay egress (the default) needs every address the relay uses.
