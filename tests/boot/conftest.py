@@ -319,7 +319,7 @@ class BootedVm:
         return data
 
     def journal(self, args: str = "-b") -> str:
-        return self.vm.sh(f"journalctl --no-pager -o short-monotonic {args}", timeout=60, check=False).out
+        return self.vm.sh(f"journalctl --no-pager -o short-monotonic {args}", timeout=300, check=False).out
 
 
 VmFactory = Callable[..., BootedVm]

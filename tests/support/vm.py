@@ -270,7 +270,7 @@ class Vm:
         """Run `script` with bash in the guest as root; its output and exit code."""
         tok = secrets.token_hex(6)
         b64 = base64.b64encode(script.encode()).decode()
-        self._send(f'bash -c "$(echo {b64} | base64 -d)" </dev/null 2>&1; echo; echo "__TSE_DONE_{tok}_$?"\n')
+        self._send(f'bash -c "$(echo {b64} | base64 -d)" </dev/null 2>&1; rc=$?; echo; echo "__TSE_DONE_{tok}_$rc"\n')
         m = self._read_until(re.compile(rf"(?s)(.*?)\n?__TSE_DONE_{tok}_(\d+)\n"), timeout)
         if m is None:
             raise VmError(f"{self.spec.name}: no answer in {timeout:.0f}s to: {script}")
