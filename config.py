@@ -474,7 +474,7 @@ def unknown_key_problems(keys: Iterable[str]) -> list[str]:
                 continue
             guess = _closest(key, known)
             hint = f"did you mean {PROJECT}:{guess}?" if guess else f"the keys are {', '.join(known)}"
-            problems.append(f"{full}: unknown key; {hint} (see the README's configuration reference)")
+            problems.append(f"{full}: unknown key; {hint} (see docs/configuration.md)")
         elif difflib.get_close_matches(namespace.lower(), [PROJECT], n=1, cutoff=0.8):
             guess = key if key in known else _closest(key, known) or key
             problems.append(
@@ -512,7 +512,7 @@ def parse_config(raw: Mapping[str, Any], also: Iterable[str] = ()) -> StackConfi
             if e["type"] == "extra_forbidden":
                 guess = _closest(str(loc[-1]), _keys_at(loc[:-1]))
                 hint = f"did you mean {_key_of((*loc[:-1], guess))}? " if guess else ""
-                msg = f"unknown key; {hint}(see the README's configuration reference for the keys there are)"
+                msg = f"unknown key; {hint}(see docs/configuration.md for the keys there are)"
             if loc[-1] == "name" and isinstance(_value_at(raw, loc[:-1]), str):
                 loc = loc[:-1]  # a plain namespace name: report it as written
             value = _value_at(raw, loc) if e["type"] != "missing" else None

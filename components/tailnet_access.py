@@ -88,7 +88,7 @@ class TailnetAccess(pulumi.ComponentResource):
 
         # Reusable, because the relay keeps its node in memory and joins anew
         # on every restart; short-lived, because whoever reads it can join
-        # devices as the relay until it expires (README: the relay's key).
+        # devices as the relay until it expires (docs/security.md: the relay's key).
         expiry = t.relay_key_expiry_hours * 3600
         generation = relay_key_generation(time.time(), expiry)
         relay_key = tailscale.TailnetKey(

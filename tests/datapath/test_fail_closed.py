@@ -282,7 +282,7 @@ def test_the_exit_node_vm_destroyed(default_stack: Callable[..., Topology]) -> N
     wait_for("relay sees the exit node gone", lambda: exit_gone(t), 60, interval=1)
     assert_nothing_gets_out(probe(t), "VM destroyed, node removed")
     assert not t.relay_ready()
-    # The residual the README names: a direct dial still reaches what the
+    # The residual docs/security.md names: a direct dial still reaches what the
     # pinned policy allows, the control plane's own addresses (TCP 443, 80).
     reached = {proxy: get_through(t, f"https://{CONTROL_IP}/health", proxy, timeout=5) for proxy in proxies(t)}
     print(f"VM destroyed, node removed: direct dial to the control plane through the proxies: {reached}")
