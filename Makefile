@@ -156,7 +156,7 @@ lint: venv ## ruff check, ruff format --check, mypy --strict
 
 # The same targets in this order; the engine's and the cluster's builds run
 # beside the data-path suite (scripts/test-all.sh says why).
-test-all: venv ## what CI runs: lint, the fast suite, the data path, the engine and the real cluster
+test-all: venv ## what CI runs: lint, the fast suite, the data path, the engine, the real cluster and the booted exit node
 	bash scripts/test-all.sh
 
 # The real data path in network namespaces: needs Linux, root, Go and iptables.
@@ -196,6 +196,14 @@ test-cluster: venv datapath-bins engine-bins ## the cluster's smoke tests and th
 	bash scripts/build-cluster-bins.sh
 	$(PY) -m pytest -m cluster tests/cluster -v
 
+# The exit node's rendered cloud-init document booted in real QEMU VMs (TCG),
+# offline: Debian 12 and 13 images built from the Debian mirror, Headscale as
+# the control server, local repositories as Tailscale's and Debian's.
+.PHONY: test-boot boot-images
+test-boot: venv datapath-bins boot-images ## the exit node booted for real in QEMU: first boot, reboot, reset, upgrade, power-off (Linux, root; about 15 min)
+	bash scripts/install-test-tools.sh --boot
+	$(PY) -m pytest -m boot tests/boot -v
+
 ##@ Build the pinned third-party programs (into ${TS_EGRESS_CACHE:-~/.cache/tailscale-egress})
 
 # tailscaled, tailscale, containerboot and headscale built from the Go module
@@ -216,6 +224,9 @@ cluster-bins: ## build kube-router, CoreDNS, the probe, pause and the node's ima
 
 # actionlint, which tests/test_workflow.py runs on .github/workflows, built
 # from the Go module proxy into the cache (seconds; then reused).
+boot-images: datapath-bins ## build the boot suite's Debian images, kernels and local apt repositories into the cache
+	bash scripts/build-boot-image.sh
+
 lint-bins: ## build actionlint (the workflow linter) into the cache
 	bash scripts/build-lint-bins.sh
 

@@ -42,24 +42,9 @@ log() { echo "build-boot-image: $*"; }
 
 [ "$(id -u)" = 0 ] || die "needs root (mmdebstrap in root mode, chroot)"
 
-# Host tools, installed from Debian where this machine can (as
-# scripts/install-test-tools.sh does); under CI=true a missing one is an error.
-wanted=(mmdebstrap:mmdebstrap mkfs.ext4:e2fsprogs dpkg-deb:dpkg dpkg-scanpackages:dpkg-dev
-    apt-ftparchive:apt-utils gpg:gnupg openssl:openssl qemu-system-x86_64:qemu-system-x86
-    qemu-img:qemu-utils genisoimage:genisoimage dnsmasq:dnsmasq-base)
-missing=()
-for entry in "${wanted[@]}"; do
-    command -v "${entry%%:*}" >/dev/null || missing+=("${entry#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    if command -v apt-get >/dev/null; then
-        log "installing ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    else
-        die "cannot install ${missing[*]} here: apt-get install ${missing[*]}"
-    fi
-fi
+# Host tools, installed from Debian where this machine can (one apt at a
+# time with the other steps); under CI=true a missing one is an error.
+bash scripts/install-test-tools.sh --boot
 
 # ---------------------------------------------------------------- keys
 keys() {

@@ -13,6 +13,9 @@
 #   --cluster-bins  what scripts/build-cluster-bins.sh runs: umoci, busybox-static,
 #                   iptables (copied into the relay image), gcc and libc6-dev (the
 #                   static pause), binutils (strip), ca-certificates
+#   --boot          make test-boot: the --datapath set plus what scripts/build-boot-image.sh
+#                   and tests/boot run: mmdebstrap, e2fsprogs, dpkg-dev, apt-utils, gnupg,
+#                   qemu-system-x86, qemu-utils, genisoimage, dnsmasq-base
 # `--list <set>` prints the set's entries (<program or path>:<Debian package>),
 # one a line, and installs nothing (tests/test_install_steps.py reads them).
 # Under CI=true a tool that cannot be installed is an error; elsewhere the
@@ -35,12 +38,17 @@ case "${1:-}" in
       unshare:util-linux curl:curl openssl:openssl containerd:containerd ctr:containerd runc:runc
       /usr/lib/cni/bridge:containernetworking-plugins ipset:ipset conntrack:conntrack umoci:umoci
       busybox:busybox-static /bin/busybox:busybox-static) ;;
+  --boot)
+    wanted=(iptables:iptables ip6tables:iptables ip:iproute2 nsenter:util-linux setpriv:util-linux curl:curl
+      openssl:openssl mmdebstrap:mmdebstrap mkfs.ext4:e2fsprogs dpkg-deb:dpkg dpkg-scanpackages:dpkg-dev
+      apt-ftparchive:apt-utils gpg:gnupg qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils
+      genisoimage:genisoimage dnsmasq:dnsmasq-base) ;;
   --cluster-bins)
     wanted=(umoci:umoci /bin/busybox:busybox-static /usr/sbin/xtables-legacy-multi:iptables
       /usr/sbin/xtables-nft-multi:iptables gcc:gcc /usr/lib/x86_64-linux-gnu/libc.a:libc6-dev strip:binutils
       /etc/ssl/certs/ca-certificates.crt:ca-certificates) ;;
   *)
-    echo "install-test-tools: unknown set '$1' (known: --datapath --engine --cluster --cluster-bins)" >&2
+    echo "install-test-tools: unknown set '$1' (known: --datapath --engine --cluster --cluster-bins --boot)" >&2
     exit 2 ;;
 esac
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make test-all, what CI runs: lint, the fast suite, the real data path, the
-# real engine and the real single-node cluster, in that order.
+# real engine, the real single-node cluster and the exit node booted in QEMU,
+# in that order.
 #
 # From cold caches the builds of the engine's and the cluster's programs (the
 # Pulumi CLI and provider, Kubernetes, kwok, kube-router, CoreDNS, the images:
@@ -17,7 +18,8 @@ log=build/test-all-builds.log
 mkdir -p build
 make datapath-bins  # the cluster's relay image is made of them: first, in the foreground
 
-setsid -w bash -c 'nice -n 19 bash scripts/build-engine-bins.sh && nice -n 19 bash scripts/build-cluster-bins.sh' \
+setsid -w bash -c 'nice -n 19 bash scripts/build-engine-bins.sh && nice -n 19 bash scripts/build-cluster-bins.sh \
+    && nice -n 19 bash scripts/build-boot-image.sh' \
     >"$log" 2>&1 &
 builds=$!
 # On any failure or interrupt, the background builds stop with this script.
@@ -32,4 +34,4 @@ if ! wait "$builds"; then
     exit 1
 fi
 trap - EXIT
-make test-engine test-cluster
+make test-engine test-cluster test-boot

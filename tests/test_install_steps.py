@@ -131,6 +131,24 @@ def test_build_cluster_bins_installs_what_it_runs_before_building() -> None:
     assert main.index('install-test-tools.sh" --cluster-bins') < main.index("for c in")
 
 
+def test_the_boot_step_installs_what_the_boot_image_build_and_the_boot_suite_run() -> None:
+    installed = set(install_set("--boot"))
+    script = repo_path("scripts", "build-boot-image.sh").read_text()
+    # The image build runs these (its own commands, and through mmdebstrap's hooks).
+    for program in ("mmdebstrap", "mkfs.ext4", "dpkg-deb", "dpkg-scanpackages", "apt-ftparchive", "gpg"):
+        assert re.search(rf"(^|[\s(\"']){re.escape(program)}\s", script, flags=re.MULTILINE), program
+        assert program in installed, program
+    assert "install-test-tools.sh --boot" in script
+    # The suite: QEMU and its tools, the DHCP/DNS server, and the data-path topology it extends.
+    suite = "".join(
+        p.read_text() for p in (*repo_path("tests", "boot").glob("*.py"), repo_path("tests", "support", "vm.py"))
+    )
+    run = set(re.findall(r'"(qemu-system-x86_64|qemu-img|genisoimage|dnsmasq|openssl)"', suite))
+    assert {"qemu-system-x86_64", "qemu-img", "genisoimage", "dnsmasq"} <= run
+    assert run - installed == set()
+    assert set(install_set("--datapath")) <= installed
+
+
 # --- the scripts for real, with apt-get stubbed ---
 
 
@@ -193,7 +211,7 @@ def test_without_apt_under_ci_a_missing_tool_is_an_error(tmp_path: Path) -> None
     assert outside.returncode == 0 and "will be skipped" in outside.stderr
 
 
-@pytest.mark.parametrize("step", ["", "--datapath", "--engine", "--cluster", "--cluster-bins"])
+@pytest.mark.parametrize("step", ["", "--datapath", "--engine", "--cluster", "--cluster-bins", "--boot"])
 def test_every_set_names_debian_packages(step: str) -> None:
     entries = install_set(step)
     assert entries
