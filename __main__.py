@@ -71,7 +71,8 @@ protected = [
     for ns in cfg.cluster.protected_namespaces
 ]
 
-# The node guard: what kube-router accepts before any policy (ICMP out, the node's NodePorts).
+# The node guard: what kube-router accepts before any policy (ICMP out, the node's NodePorts)
+# and what no policy sees (pods' IPv6 link-local).
 if cfg.cluster.node_guard:
     NodeGuard("node-guard", NodeGuardArgs(cfg.cluster), in_cluster)
 

@@ -244,8 +244,9 @@ class ClusterConfig(_Model):
     # The Kubernetes user the stack deploys as, the only one the guard lets
     # change the stack's objects; None asks the API server (kubectl auth whoami).
     deployer: str | None = None
-    # The node guard DaemonSet: drops pod ICMP leaving the cluster and pod
-    # traffic to the node's NodePorts, which kube-router accepts before any policy.
+    # The node guard DaemonSet: drops pod ICMP leaving the cluster or going to
+    # unused cluster addresses, pod traffic to the node's NodePorts, and pod
+    # IPv6 (fe80::) that no policy sees.
     node_guard: bool = True
 
     @field_validator("protected_namespaces", mode="before")
