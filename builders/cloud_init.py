@@ -89,6 +89,8 @@ touch {CLOUD_INIT_DISABLED}
 rm -f /var/lib/cloud/instances/*/user-data.txt /var/lib/cloud/instances/*/user-data.txt.i \\
   /var/lib/cloud/instances/*/cloud-config.txt /var/lib/cloud/instances/*/obj.pkl \\
   /var/lib/cloud/instances/*/scripts/runcmd
+# The journal must commit the deletes first, or fstrim finds those blocks in use.
+sync
 fstrim / || true
 """
 
@@ -177,10 +179,14 @@ def logout_unit() -> str:
     # Active from boot; its ExecStop runs at shutdown before tailscaled stops
     # (units stop in the reverse of their start order). Wants=, not Requires=:
     # a tailscaled restarted by an upgrade must not stop (and so run) this unit.
+    # After network.target: stopped before the network goes down. Once
+    # cloud-init is off nothing else pulls in network-online.target, and an
+    # ordering on a target that is not active orders nothing: the VM took its
+    # network down while the logout ran, and the node stayed in the tailnet.
     return f"""[Unit]
 Description=Log this exit node out of the tailnet when the VM is powered off
-After=tailscaled.service network-online.target
-Wants=tailscaled.service
+After=tailscaled.service network.target network-online.target
+Wants=tailscaled.service network-online.target
 
 [Service]
 Type=oneshot
