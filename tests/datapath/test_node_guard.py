@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from builders.node_guard import chain_names
 from tests.support.tools import missing
 
 from .topology import (
@@ -203,17 +204,24 @@ def test_the_guard_puts_its_rules_back_and_first(node: Topology) -> None:
     guard = start_guard(node, guard_script(node), "node-guard-again")
     try:
         wait_for("guard rules", lambda: "node-guard: rules installed" in guard.log.read_text() or not guard.alive(), 20)
-        chain = next(line.split()[0][1:] for line in mangle(node).splitlines() if line.startswith(":TSE-GUARD-"))
-        # Someone flushes the guard's chain and puts an ACCEPT in front of its jump.
-        node.run(ROUTER, ["iptables", "-t", "mangle", "-F", chain])
-        node.run(ROUTER, ["iptables", "-t", "mangle", "-I", "PREROUTING", "1", "-j", "ACCEPT"])
+        chains = [line.split()[0][1:] for line in mangle(node).splitlines() if line.startswith(":TSE-GUARD-")]
+        main, _, forward = chain_names(min(chains, key=len))
+        assert {main, forward} <= set(chains), chains
+        # Someone flushes the guard's chains and puts an ACCEPT in front of its jumps
+        # (PREROUTING: the pod ranges; FORWARD: routed ICMP).
+        for chain in chains:
+            node.run(ROUTER, ["iptables", "-t", "mangle", "-F", chain])
+        for hook in ("PREROUTING", "FORWARD"):
+            node.run(ROUTER, ["iptables", "-t", "mangle", "-I", hook, "1", "-j", "ACCEPT"])
         assert ping(node, INTERNET_IP)
         wait_for("guard back in place", lambda: not ping(node, INTERNET_IP), 20, interval=1)
-        first = node.run(ROUTER, ["iptables", "-t", "mangle", "-S", "PREROUTING"]).stdout.splitlines()[1]
-        assert first.endswith(f"-j {chain}")
+        for hook, chain in (("PREROUTING", main), ("FORWARD", forward)):
+            first = node.run(ROUTER, ["iptables", "-t", "mangle", "-S", hook]).stdout.splitlines()[1]
+            assert first.endswith(f"-j {chain}"), (hook, first)
     finally:
         guard.stop()
-        node.run(ROUTER, ["iptables", "-t", "mangle", "-D", "PREROUTING", "-j", "ACCEPT"], check=False)
+        for hook in ("PREROUTING", "FORWARD"):
+            node.run(ROUTER, ["iptables", "-t", "mangle", "-D", hook, "-j", "ACCEPT"], check=False)
 
 
 @pytest.mark.parametrize("backend", ["legacy", "nft"])
