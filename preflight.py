@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import pulumi
@@ -48,11 +48,42 @@ def supplied_relay_key(has: Callable[[str], bool]) -> bool:
     return has(RELAY_AUTH_KEY)
 
 
-def stack_shape_problems(cfg: StackConfig, has: Callable[[str], bool]) -> list[str]:
-    """What the supplied relay key rules out; checked even when rendering."""
-    if not supplied_relay_key(has):
-        return []
+# Credentials the stack may be given in its stack file. Each must be stored
+# encrypted (`pulumi config set --secret`). Pulumi cannot enforce that for an
+# optional key: a key declared `secret: true` in Pulumi.yaml is required of every
+# stack (and a plain default is refused as "must be encrypted"), so the program
+# refuses a plain one itself.
+CREDENTIAL_KEYS: Final = (RELAY_AUTH_KEY, "hcloud:token", "tailscale:apiKey", "tailscale:oauthClientSecret")
+
+
+def plaintext_credentials(has: Callable[[str], bool], is_secret: Callable[[str], bool]) -> list[str]:
+    """The credentials set in plain text, each with the command that encrypts it.
+    The value itself is never repeated."""
     problems = []
+    for key in CREDENTIAL_KEYS:
+        if has(key) and not is_secret(key):
+            short = key.removeprefix("tailscale-egress:")
+            problems.append(
+                f"{key} is stored in plain text in the stack file (Pulumi.<stack>.yaml, and every copy or commit"
+                f" of it): store it encrypted, which replaces the plain value: pulumi config set --secret {short}"
+                " <value>; if the file was ever shared or committed, revoke that credential and use a new one"
+            )
+    return problems
+
+
+def config_key_is_secret(key: str) -> bool:
+    """Whether the engine handed `key` to the program as a secret (stored encrypted)."""
+    return pulumi.runtime.is_config_secret(key) or key in pulumi.runtime.get_config_secret_keys_env()
+
+
+def stack_shape_problems(
+    cfg: StackConfig, has: Callable[[str], bool], is_secret: Callable[[str], bool] = config_key_is_secret
+) -> list[str]:
+    """Plain-text credentials, and what the supplied relay key rules out;
+    checked even when rendering."""
+    problems = plaintext_credentials(has, is_secret)
+    if not supplied_relay_key(has):
+        return problems
     if cfg.exit_node.managed:
         problems.append(
             "tailscale-egress:exitNode.existingTailnetIp = None: required with relayAuthKey (with a key given, the"

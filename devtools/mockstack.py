@@ -26,6 +26,7 @@ from pulumi.runtime.sync_await import _sync_await
 
 from builders.tailnet_policy import policy_tests
 from config import HETZNER_SERVER_TYPES
+from preflight import CREDENTIAL_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "tailscale-egress"
@@ -316,7 +317,8 @@ def evaluate_stack_file(stack: str, config_file: Path | None = None) -> Evaluati
         config = stack_file_config(path)
     except StackFileError as err:
         raise StackInputError(str(err)) from None
-    evaluation = evaluate(config, stack=stack)
+    # What the file stores encrypted (`secure:`) is a secret; the rest is plain, as written.
+    evaluation = evaluate(config, stack=stack, secret_keys=tuple(k for k, v in config.items() if v == SECRET))
     if evaluation.error is not None:
         raise StackInputError(str(evaluation.error))
     return evaluation
@@ -327,11 +329,15 @@ def evaluate(
     stack: str = "dev",
     *,
     fakes: pulumi.runtime.Mocks | None = None,
-    secret_keys: tuple[str, ...] = (),
+    secret_keys: tuple[str, ...] | None = None,
     offline: bool = True,
     preview: bool = False,
 ) -> Evaluation:
     """Run __main__.py once under mocks with `config` ({"<ns>:<key>": value}).
+
+    `secret_keys`: the keys stored encrypted; by default the credentials in
+    `config`, as `pulumi config set --secret` stores them (pass () for a stack
+    file that holds them in plain text).
 
     `offline` skips the checks that need credentials and a cluster (as
     `tools/render.py` does); tests of those checks pass False.
@@ -340,7 +346,8 @@ def evaluate(
     monitor = RecordingMonitor(fakes or FakeProviders())
     pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=preview, monitor=monitor)
     pulumi.runtime.set_all_config(
-        {k: v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}, list(secret_keys)
+        {k: v if isinstance(v, str) else json.dumps(v) for k, v in config.items()},
+        list(secret_keys if secret_keys is not None else (k for k in CREDENTIAL_KEYS if k in config)),
     )
     result = Evaluation()
     previous_offline = os.environ.get("TAILSCALE_EGRESS_OFFLINE")

@@ -374,8 +374,15 @@ def inventory(cluster: Cluster, namespaces: list[str]) -> list[tuple[str, str, s
             {"relayAuthKey": None},
             ["tailscale:apiKey is not set", "pulumi config set --secret relayAuthKey"],
         ),
+        (
+            {"relayAuthKey": "plain"},
+            [
+                "tailscale-egress:relayAuthKey is stored in plain text in the stack file",
+                "pulumi config set --secret relayAuthKey <value>",
+            ],
+        ),
     ],
-    ids=["wrong-context", "unreachable-api-server", "missing-relay-key"],
+    ids=["wrong-context", "unreachable-api-server", "missing-relay-key", "plain-relay-key"],
 )
 def test_bad_input_is_named_and_nothing_deployed_is_touched(
     change: dict[str, Any], expected: list[str], cluster: Cluster, engine: Engine, deployed: auto.Stack, tmp_path: Path
@@ -385,7 +392,9 @@ def test_bad_input_is_named_and_nothing_deployed_is_touched(
     before = inventory(cluster, namespaces)
     bad = copy.deepcopy(good)
     secret_keys: tuple[str, ...] = (RELAY_AUTH_KEY,)
-    if "relayAuthKey" in change:
+    if change.get("relayAuthKey") == "plain":
+        secret_keys = ()  # the same key, written in plain text
+    elif "relayAuthKey" in change:
         del bad[RELAY_AUTH_KEY]
         secret_keys = ()
     elif change.get("kubeconfig") == "UNREACHABLE":
@@ -403,6 +412,7 @@ def test_bad_input_is_named_and_nothing_deployed_is_touched(
         for part in expected:
             assert part in text
         assert "Traceback" not in text
+        assert str(good[RELAY_AUTH_KEY]) not in text
     finally:
         engine.write_config(STACK, good, secret_keys=(RELAY_AUTH_KEY,))
     assert inventory(cluster, namespaces) == before
