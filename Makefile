@@ -78,6 +78,12 @@ verify: need-stack $(DEPLOY_STAMP) ## check STACK in the cluster from a probe po
 render: need-stack $(DEPLOY_STAMP) ## write every object of STACK to build/render/STACK, no CLI or credentials
 	$(PY) tools/render.py $(STACK)
 
+# Your own exit node (exitNode.existingTailnetIp): the stack cannot guard it,
+# so this writes the Hetzner VM's own guard and install.sh to run there as root.
+.PHONY: exit-node-guard
+exit-node-guard: $(DEPLOY_STAMP) ## write the exit node guard for your own exit node to build/exit-node-guard (docs/own-exit-node.md)
+	$(PY) tools/exit_node_guard.py
+
 # The whole promise on this machine with no account (Linux, root, cgroup v1):
 # the cluster and the topology, `pulumi up` through the real engine, then
 # make verify's table. It stays up until demo-down.

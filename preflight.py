@@ -403,19 +403,43 @@ def config_key_is_set(key: str) -> bool:
     return pulumi.Config(namespace).get_secret(name) is not None
 
 
+def unchecked_by_the_stack(cfg: StackConfig, relay_key_given: bool) -> list[str]:
+    """What the stack cannot check or enforce for this configuration, one
+    warning each, with what to do instead; printed at every preview and up."""
+    warnings = []
+    if not cfg.exit_node.managed:
+        warnings.append(
+            f"tailscale-egress:exitNode.existingTailnetIp = {cfg.exit_node.existing_tailnet_ip!r} (your own exit"
+            " node): the stack cannot install the exit node guard there, so nothing stops tailnet traffic (a"
+            " relay's proxy request included, whatever the tailnet policy says) from reaching the node's own"
+            " services at its tailnet and public addresses. Install the guard on it: make exit-node-guard, then"
+            " run install.sh there as root (docs/own-exit-node.md, 'Guard your exit node')"
+        )
+    if cfg.tailnet.login_server is not None:
+        warnings.append(
+            f"tailscale-egress:tailnet.loginServer = {cfg.tailnet.login_server!r}: the stack cannot read this"
+            " control server's policy, so nothing checks that the relay may reach only the internet via the exit"
+            " node: put the entries and the tests of docs/security.md ('The tailnet policy') in it and run"
+            " `headscale policy check` after every edit"
+        )
+    elif relay_key_given:
+        warnings.append(
+            "tailscale-egress:relayAuthKey is given, so the stack uses no Tailscale API and does not read or check"
+            " the tailnet policy: check by hand that the relay's tag may reach only autogroup:internet, via the"
+            " exit node, with the tests of docs/security.md ('The tailnet policy')"
+        )
+    return warnings
+
+
 def check_tailnet_policy(cfg: StackConfig) -> Mapping[str, Any] | None:
     """Read the tailnet policy file and stop when it lacks what the stack needs.
 
     Returns the policy (for `managePolicy`); None with a self-hosted control
     server, whose policy Tailscale's API cannot read.
     """
-    if cfg.tailnet.login_server is not None:
-        return None
-    if supplied_relay_key(config_key_is_set):
-        pulumi.log.info(
-            "tailnet policy preflight skipped: relayAuthKey is given, so the stack does not use the Tailscale API."
-            " Check by hand that the relay's tag may reach only autogroup:internet, via the exit node."
-        )
+    for warning in unchecked_by_the_stack(cfg, supplied_relay_key(config_key_is_set)):
+        pulumi.log.warn(warning)
+    if cfg.tailnet.login_server is not None or supplied_relay_key(config_key_is_set):
         return None
     policy: Mapping[str, Any] = json.loads(tailscale.get_acl().json)
     exit_tag, relay_tag = cfg.tailnet.exit_node_tag, cfg.tailnet.relay_tag

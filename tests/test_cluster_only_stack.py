@@ -4,14 +4,20 @@ cloud, and the key stays a secret."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pulumi
 import pytest
+import yaml
 
+from builders.cloud_init import ExitNodeBoot, render_cloud_init
+from builders.exit_node_guard import guard_files
 from devtools.mockstack import Evaluation, FakeProviders, evaluate
-from tests.stacks import RELAY_AUTH_KEY, cluster_only_config, kube_objects, with_config
+from tests.stacks import RELAY_AUTH_KEY, cluster_only_config, dev_config, kube_objects, with_config
+from tests.support.cloud_init import shellcheck
+from tools.exit_node_guard import write_guard
 
 
 class NoCloud(FakeProviders):
@@ -96,3 +102,64 @@ def test_a_given_key_with_a_managed_policy_is_refused() -> None:
     result, _ = cluster_only(with_config(cluster_only_config(), "tailnet", managePolicy=True))
     assert "tailscale-egress:tailnet.managePolicy = True: not possible with relayAuthKey" in str(result.error)
     assert result.resources == []
+
+
+# Your own exit node: the stack says what it cannot check, and gives you the
+# exit node guard to install yourself (issue 19, point 5).
+
+
+def warnings_of(config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    printed: list[str] = []
+    monkeypatch.setattr(pulumi.log, "warn", lambda message, *args, **kwargs: printed.append(str(message)))
+    result, _ = cluster_only(config)
+    assert result.error is None, result.error
+    return printed
+
+
+def test_your_own_exit_node_is_named_unguarded_with_the_command_that_guards_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    printed = warnings_of(cluster_only_config(), monkeypatch)
+    (guard,) = [w for w in printed if w.startswith("tailscale-egress:exitNode.existingTailnetIp")]
+    assert "'100.64.0.1' (your own exit node): the stack cannot install the exit node guard there" in guard
+    assert "make exit-node-guard" in guard and "install.sh" in guard
+    (policy,) = [w for w in printed if w.startswith("tailscale-egress:relayAuthKey")]
+    assert "relayAuthKey is given" in policy and "does not read or check the tailnet policy" in policy
+
+
+def test_a_self_hosted_control_server_is_named_unchecked(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = with_config(cluster_only_config(), "tailnet", loginServer="http://198.51.100.10:8080")
+    printed = warnings_of(config, monkeypatch)
+    (policy,) = [w for w in printed if w.startswith("tailscale-egress:tailnet.loginServer")]
+    assert "cannot read this control server's policy" in policy and "headscale policy check" in policy
+
+
+def test_the_default_stack_has_nothing_unchecked(monkeypatch: pytest.MonkeyPatch) -> None:
+    printed: list[str] = []
+    monkeypatch.setattr(pulumi.log, "warn", lambda message, *args, **kwargs: printed.append(str(message)))
+    assert evaluate(dev_config(), "dev").error is None
+    assert not [w for w in printed if "cannot" in w], printed
+
+
+def test_the_guard_for_your_own_exit_node_is_the_hetzner_vms_own(tmp_path: Path) -> None:
+    document = yaml.safe_load(render_cloud_init(ExitNodeBoot(hostname="exit-1", image="debian-12", auth_key="k")))
+    vm_files = {f["path"]: (f["permissions"], f["content"]) for f in document["write_files"]}
+    written = write_guard(tmp_path / "guard")
+    assert {f"/{p.relative_to(tmp_path / 'guard')}" for p in written} == {*guard_files(), "/install.sh"}
+    for path, (mode, content) in guard_files().items():
+        assert vm_files[path] == (mode, content), path
+        on_disk = tmp_path / "guard" / path.lstrip("/")
+        assert on_disk.read_text() == content and oct(on_disk.stat().st_mode & 0o777) == f"0o{mode[1:]}"
+    install = tmp_path / "guard" / "install.sh"
+    result = shellcheck(install)
+    assert result.ok, result.output
+    for path in guard_files():
+        assert f'"$here{path}" {path}' in install.read_text()
+
+
+def test_the_guards_install_script_refuses_to_run_as_anyone_but_root(tmp_path: Path) -> None:
+    write_guard(tmp_path / "guard")
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    script = (tmp_path / "guard" / "install.sh").read_text()
+    done = subprocess.run([*nobody, "sh", "-s"], input=script, capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and "run as root" in done.stderr

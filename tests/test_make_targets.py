@@ -16,7 +16,7 @@ import pytest
 from tests.stacks import repo_path
 
 MAKE = shutil.which("make") or "make"
-USER_TARGETS = ["up", "preview", "destroy", "verify", "render", "demo"]
+USER_TARGETS = ["up", "preview", "destroy", "verify", "render", "exit-node-guard", "demo"]
 STACK_TARGETS = ["up", "preview", "destroy", "verify", "render"]
 # Never (re)install a virtualenv here: these tests are about what comes around it.
 STAMPS = [".venv/.installed", ".venv/.deploy/.installed", "policy/venv/.installed"]
