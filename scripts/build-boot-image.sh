@@ -182,7 +182,7 @@ tailscale_repo() {
 # Bump when the disk's or the repositories' recipe changes (the stamps also
 # cover the keys and, for the repositories, the pinned binaries).
 DISK_RECIPE=3
-REPO_RECIPE=3
+REPO_RECIPE=4
 
 stamp_of() { sha256sum | cut -c1-16; }
 
@@ -306,6 +306,14 @@ build_repos() {  # <image>
     done
     tailscale_repo "$work/www-1" "$codename" "$work/ts/"*.deb
     tailscale_repo "$work/www-2" "$codename" "$work/ts/"*.deb "$work/ts-upgrade/"*.deb
+    # Published an hour apart, as a real release is: apt asks with
+    # If-Modified-Since (the Last-Modified of the lists it has), and
+    # www-2's index signed within the same second as www-1's was answered
+    # 304 Not Modified, so apt kept the old list and the upgrade found
+    # nothing (seen on debian-13, whose two signatures fell in one second).
+    local published
+    published=$(stat -c %Y "$work/www-2/stable/debian/dists/$codename/InRelease")
+    find "$work/www-1/stable/debian/dists" -type f -exec touch -d "@$((published - 3600))" {} +
     rm -rf "$dir/www-1" "$dir/www-2" "$dir/repos.stamp"
     mv "$work/www-1" "$work/www-2" "$dir/"
     echo "$TS_VERSION" >"$dir/tailscale-version"
