@@ -65,7 +65,7 @@ proxy_env = proxy_environment(relay_address, cfg.cluster.pod_cidr, cfg.cluster.s
 protected = [
     ProtectedNamespace(
         f"protected-{ns.name}",
-        ProtectedNamespaceArgs(ns, cfg.cluster.relay_namespace, PROXY_PORTS, proxy_env),
+        ProtectedNamespaceArgs(ns, cfg.cluster.relay_namespace, PROXY_PORTS, proxy_env, cfg.cluster.ingress_from),
         in_cluster,
     )
     for ns in cfg.cluster.protected_namespaces
@@ -114,7 +114,11 @@ if deployer is not None:
     AdmissionGuard(
         "admission-guard",
         AdmissionGuardArgs(
-            names.prefix, deployer, [ns.name for ns in cfg.cluster.protected_namespaces], cfg.cluster.relay_namespace
+            names.prefix,
+            deployer,
+            [ns.name for ns in cfg.cluster.protected_namespaces],
+            cfg.cluster.relay_namespace,
+            cfg.cluster.ingress_from,
         ),
         in_cluster,
     )

@@ -248,6 +248,11 @@ class ClusterConfig(_Model):
     # unused cluster addresses, pod traffic to the node's NodePorts, and pod
     # IPv6 (fe80::) that no policy sees.
     node_guard: bool = True
+    # Namespaces whose pods may open connections to pods of the protected
+    # namespaces (an ingress controller's, say); none by default: ingress to a
+    # protected namespace is from its own pods only, and its Services are
+    # ClusterIP without externalIPs (both enforced by the admission guard).
+    ingress_from: list[Annotated[str, AfterValidator(_dns_label)]] = Field(default_factory=list)
 
     @field_validator("protected_namespaces", mode="before")
     @classmethod

@@ -93,6 +93,8 @@ class GuardSettings:
     # The node guard's namespace (Pod Security privileged): its DaemonSet is
     # the deployer's, and its pods the DaemonSet controller's alone.
     guard_namespace: str | None = None
+    # Namespaces whose pods may open connections to protected pods (cluster.ingressFrom).
+    ingress_from: tuple[str, ...] = ()
 
 
 def cel_string(text: str) -> str:
@@ -116,9 +118,9 @@ def _cel_list(items: Sequence[str | int]) -> str:
     return "[" + ", ".join(cel_string(i) if isinstance(i, str) else str(i) for i in items) + "]"
 
 
-def policy_names(prefix: str) -> tuple[str, str, str, str, str, str]:
+def policy_names(prefix: str) -> tuple[str, str, str, str, str, str, str]:
     """(egress, stack objects, stack data, pod security labels, node guard
-    pods, node guard exec): one policy and one binding each."""
+    pods, node guard exec, services): one policy and one binding each."""
     return (
         f"{prefix}-egress-only-via-relay",
         f"{prefix}-stack-objects",
@@ -126,6 +128,7 @@ def policy_names(prefix: str) -> tuple[str, str, str, str, str, str]:
         f"{prefix}-pod-security-labels",
         f"{prefix}-node-guard-pods",
         f"{prefix}-node-guard-exec",
+        f"{prefix}-services",
     )
 
 
@@ -246,6 +249,25 @@ def egress_allowed_expression(relay_namespace: str, relay_ports: Sequence[int]) 
     )
 
 
+def ingress_allowed_expression(ingress_from: Sequence[str]) -> str:
+    """CEL, true when every ingress rule of the NetworkPolicy `object` admits
+    only pods of its own namespace and of `ingress_from` (whatever
+    `policyTypes` says, as for egress). Refused: a rule without `from` (every
+    source), any `ipBlock` (the LAN, the node, the internet through a
+    NodePort), and a namespace selector other than exactly one of those."""
+    sources = " || ".join(
+        [
+            "!has(p.namespaceSelector)",
+            f"({_selects_only('p.namespaceSelector', 'request.namespace')})",
+            *(f"({_selects_only('p.namespaceSelector', cel_string(ns))})" for ns in sorted(set(ingress_from))),
+        ]
+    )
+    return (
+        "(has(object.spec.ingress) ? object.spec.ingress : []).all(r,"
+        f" has(r.from) && size(r.from) > 0 && r.from.all(p, !has(p.ipBlock) && ({sources})))"
+    )
+
+
 # The same rule in Python, for the policies that exist before the guard does
 # (admission judges only what is written after it). The engine tests hold the
 # two to the same verdict on every case they try.
@@ -295,6 +317,21 @@ def opening_egress_rules(policy: Manifest, relay_namespace: str, relay_ports: Se
     return [i for i, r in enumerate(rules) if not (r.get("to") and all(peer_ok(r, p) for p in r["to"]))]
 
 
+def opening_ingress_rules(policy: Manifest, ingress_from: Sequence[str]) -> list[int]:
+    """Indexes of the ingress rules of `policy` that admit sources beyond its
+    own namespace and `ingress_from` (see ingress_allowed_expression)."""
+    own = policy["metadata"].get("namespace", "")
+
+    def source_ok(peer: Manifest) -> bool:
+        selector = peer.get("namespaceSelector")
+        return "ipBlock" not in peer and (
+            selector is None or any(_py_selects_only(selector, ns) for ns in (own, *ingress_from))
+        )
+
+    rules = (policy.get("spec") or {}).get("ingress") or []
+    return [i for i, r in enumerate(rules) if not (r.get("from") and all(source_ok(p) for p in r["from"]))]
+
+
 def egress_policy(s: GuardSettings) -> Manifest:
     name = policy_names(s.prefix)[0]
     ports = ", ".join(map(str, s.relay_ports))
@@ -305,6 +342,13 @@ def egress_policy(s: GuardSettings) -> Manifest:
         " and pods of this namespace: an egress rule with no `to`, an ipBlock, another namespace or other ports"
         " would open a way around the relay. Reach the internet through the proxy instead"
         f" (envFrom: configMapRef {s.proxy_configmap})"
+    )
+    sources = ", ".join(s.ingress_from) or "none"
+    ingress_message = (
+        f"in a namespace protected by tailscale-egress stack {s.prefix}, a NetworkPolicy may allow ingress only"
+        f" from pods of this namespace and of the namespaces in cluster.ingressFrom ({sources}): an ingress rule"
+        " with no `from`, an ipBlock or another namespace would open a two-way channel that never touches the"
+        " relay. Add the namespace to cluster.ingressFrom and run pulumi up if its pods must connect here"
     )
     return _policy(
         name,
@@ -331,7 +375,14 @@ def egress_policy(s: GuardSettings) -> Manifest:
                     "messageExpression": f"'NetworkPolicy ' + request.namespace + '/' + object.metadata.name + ': ' + "
                     f"{cel_string(message)}",
                     "reason": "Forbidden",
-                }
+                },
+                {
+                    "expression": ingress_allowed_expression(s.ingress_from),
+                    "message": ingress_message,
+                    "messageExpression": f"'NetworkPolicy ' + request.namespace + '/' + object.metadata.name + ': ' + "
+                    f"{cel_string(ingress_message)}",
+                    "reason": "Forbidden",
+                },
             ],
         },
     )
@@ -494,9 +545,57 @@ def node_guard_exec_policy(s: GuardSettings) -> Manifest:
     )
 
 
+# Service types that bring no connection from outside the cluster.
+CLUSTER_ONLY_SERVICE_TYPES: Final = ("ClusterIP", "ExternalName")
+
+
+def services_policy(s: GuardSettings) -> Manifest:
+    """Services in a protected namespace: no `externalIPs` (kube-proxy would
+    take those addresses over for every pod and the node: set to the exit
+    node's public address or the control plane's, it cuts every stack's way
+    out), and no NodePort or LoadBalancer (connections from the LAN reach the
+    pods through the node, whose address every NetworkPolicy enforcer lets
+    in). It holds for everyone, the deployer included."""
+    name = policy_names(s.prefix)[6]
+    external_ips = (
+        f"in a namespace protected by tailscale-egress stack {s.prefix}, a Service may not set externalIPs: the"
+        " cluster would route those addresses to this Service for every pod and the node, the exit node's or the"
+        " control plane's included"
+    )
+    types = ", ".join(CLUSTER_ONLY_SERVICE_TYPES)
+    exposed = (
+        f"in a namespace protected by tailscale-egress stack {s.prefix}, a Service must be of type {types}:"
+        " NodePort and LoadBalancer bring connections from outside the cluster to its pods past their ingress"
+        " isolation. Expose the workload from a namespace the stack does not protect, or reach it with"
+        " kubectl port-forward"
+    )
+
+    def check(expression: str, message: str) -> Manifest:
+        return {
+            "expression": expression,
+            "message": message,
+            "messageExpression": f"'Service ' + request.namespace + '/' + object.metadata.name + ': ' + "
+            f"{cel_string(message)}",
+            "reason": "Forbidden",
+        }
+
+    return _policy(
+        name,
+        [_rule("", ["services"], ["CREATE", "UPDATE"])],
+        {
+            "validations": [
+                check("!has(object.spec.externalIPs) || size(object.spec.externalIPs) == 0", external_ips),
+                check(
+                    f"!has(object.spec.type) || object.spec.type in {_cel_list(CLUSTER_ONLY_SERVICE_TYPES)}", exposed
+                ),
+            ],
+        },
+    )
+
+
 def admission_guard(s: GuardSettings) -> list[Manifest]:
     """The policies, each followed by its binding."""
-    egress_name, objects_name, data_name, labels_name, pods_name, exec_name = policy_names(s.prefix)
+    egress_name, objects_name, data_name, labels_name, pods_name, exec_name, services_name = policy_names(s.prefix)
     all_namespaces = [*s.protected_namespaces, s.relay_namespace]
     guarded = [*all_namespaces, *([s.guard_namespace] if s.guard_namespace else [])]
     node_guard = []
@@ -511,6 +610,8 @@ def admission_guard(s: GuardSettings) -> list[Manifest]:
     return [
         egress_policy(s),
         _binding(egress_name, {"namespaceSelector": _namespaces_named(s.protected_namespaces)}),
+        services_policy(s),
+        _binding(services_name, {"namespaceSelector": _namespaces_named(s.protected_namespaces)}),
         stack_objects_policy(s),
         _binding(objects_name, {"namespaceSelector": _namespaces_named(guarded)}),
         stack_objects_policy(s, data=True),

@@ -83,17 +83,26 @@ def dns_rule() -> Manifest:
     return {"to": [pods_in(DNS_NAMESPACE, KUBE_DNS_LABELS)], "ports": ports("UDP", 53) + ports("TCP", 53)}
 
 
-def protected_namespace_policy(namespace: str, relay_namespace: str, relay_ports: Sequence[int]) -> Manifest:
-    """Default-deny egress for every pod of a protected namespace.
+def namespace_named(namespace: str) -> Manifest:
+    return {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}}
 
-    Allowed: the relay's proxy ports, cluster DNS, and pods of the same
+
+def protected_namespace_policy(
+    namespace: str, relay_namespace: str, relay_ports: Sequence[int], ingress_from: Sequence[str] = ()
+) -> Manifest:
+    """Default-deny egress and ingress for every pod of a protected namespace.
+
+    Egress allowed: the relay's proxy ports, cluster DNS, and pods of the same
     namespace. Everything else (the internet directly, the host, the LAN,
-    cloud metadata, other namespaces) is denied.
+    cloud metadata, other namespaces) is denied. Ingress allowed: pods of the
+    same namespace and of `ingress_from` only, so that no other namespace
+    opens a two-way channel that never touches the relay.
     """
     return network_policy(
         "tailscale-egress-only-via-relay",
         namespace,
         None,
+        ingress=[{"from": [{"podSelector": {}}, *(namespace_named(ns) for ns in sorted(set(ingress_from)))]}],
         egress=[
             {"to": [pods_in(relay_namespace, RELAY_LABELS)], "ports": ports("TCP", *relay_ports)},
             dns_rule(),

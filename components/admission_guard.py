@@ -30,6 +30,7 @@ from builders.admission import (
     StackObject,
     admission_guard,
     opening_egress_rules,
+    opening_ingress_rules,
 )
 from builders.kube import Manifest
 from builders.network_policies import protected_namespace_policy
@@ -110,17 +111,19 @@ def deployer_username(cluster: ClusterConfig) -> str:
 def opening_policies(cluster: ClusterConfig, policies: Sequence[Manifest]) -> list[str]:
     """One line for each of `policies` in a protected namespace (other than
     the stack's own) whose egress reaches beyond the relay, DNS and the
-    namespace itself, naming its rules."""
+    namespace itself, or whose ingress admits more than the namespace and
+    cluster.ingressFrom, naming its rules."""
     protected = {ns.name for ns in cluster.protected_namespaces}
     found = []
     for policy in policies:
         meta = policy.get("metadata") or {}
         if meta.get("namespace") not in protected or meta.get("name") == OWN_POLICY_NAME:
             continue
-        bad = opening_egress_rules(policy, cluster.relay_namespace, PROXY_PORTS)
+        spec = policy.get("spec") or {}
+        bad = [("egress", i) for i in opening_egress_rules(policy, cluster.relay_namespace, PROXY_PORTS)]
+        bad += [("ingress", i) for i in opening_ingress_rules(policy, cluster.ingress_from)]
         if bad:
-            rules = policy["spec"]["egress"]
-            shown = "; ".join(f"egress[{i}] = {json.dumps(rules[i], sort_keys=True)}" for i in bad)
+            shown = "; ".join(f"{way}[{i}] = {json.dumps(spec[way][i], sort_keys=True)}" for way, i in bad)
             found.append(f"NetworkPolicy {meta['namespace']}/{meta['name']}: {shown}")
     return found
 
@@ -141,10 +144,12 @@ def check_existing_policies(cluster: ClusterConfig, listed: Sequence[Manifest] |
     if found:
         raise PreflightError(
             "cannot deploy yet: these NetworkPolicies in protected namespaces allow egress beyond the relay's"
-            " proxy ports, cluster DNS and the namespace's own pods, and would keep doing so (the admission"
-            " guard refuses such policies from now on, but cannot judge those written before it):\n  - "
+            " proxy ports, cluster DNS and the namespace's own pods, or ingress from beyond the namespace and"
+            " cluster.ingressFrom, and would keep doing so (the admission guard refuses such policies from now"
+            " on, but cannot judge those written before it):\n  - "
             + "\n  - ".join(found)
-            + "\nDelete them (kubectl delete networkpolicy -n <namespace> <name>) or narrow their egress,"
+            + "\nDelete them (kubectl delete networkpolicy -n <namespace> <name>) or narrow them (for ingress"
+            " from another namespace's pods: pulumi config set --path 'cluster.ingressFrom[0]' <namespace>),"
             " then run again"
         )
 
@@ -205,6 +210,7 @@ class AdmissionGuardArgs:
     deployer: str
     protected_namespaces: Sequence[str]
     relay_namespace: str
+    ingress_from: Sequence[str] = ()
 
 
 def guard_settings(args: AdmissionGuardArgs) -> GuardSettings:
@@ -227,6 +233,7 @@ def guard_settings(args: AdmissionGuardArgs) -> GuardSettings:
         proxy_configmap=PROXY_CONFIGMAP,
         # Guarded whether or not the stack runs the node guard: a namespace of that name is the stack's.
         guard_namespace=guard_namespace(args.relay_namespace),
+        ingress_from=tuple(args.ingress_from),
     )
 
 

@@ -3,7 +3,8 @@ the relay.
 
 Pod Security `restricted` (enforce, warn, audit), a default-deny egress policy
 with the relay's proxy ports, DNS and the namespace's own pods as the only
-exceptions, and a ConfigMap of proxy settings for `envFrom`. An existing
+exceptions (and ingress from its own pods and `cluster.ingressFrom` only),
+and a ConfigMap of proxy settings for `envFrom`. An existing
 namespace is labelled in place (server-side apply), and on destroy loses only
 the labels the stack set; a namespace the stack creates is deleted.
 """
@@ -29,6 +30,7 @@ class ProtectedNamespaceArgs:
     relay_namespace: str
     relay_ports: Sequence[int]
     proxy_env: Mapping[str, str]
+    ingress_from: Sequence[str] = ()
 
 
 class ProtectedNamespace(pulumi.ComponentResource):
@@ -45,6 +47,7 @@ class ProtectedNamespace(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self),
             )
         in_ns = pulumi.ResourceOptions(parent=self, depends_on=[ns_resource])
-        apply_manifest(f"{name}-egress", protected_namespace_policy(ns, args.relay_namespace, args.relay_ports), in_ns)
+        policy = protected_namespace_policy(ns, args.relay_namespace, args.relay_ports, args.ingress_from)
+        apply_manifest(f"{name}-egress", policy, in_ns)
         apply_manifest(f"{name}-proxy-settings", proxy_configmap(ns, args.proxy_env), in_ns)
         self.register_outputs({})

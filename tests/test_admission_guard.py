@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 
-from builders.admission import DEPLOYER_PLACEHOLDER, cel_string, opening_egress_rules, policy_names
+from builders.admission import (
+    DEPLOYER_PLACEHOLDER,
+    cel_string,
+    opening_egress_rules,
+    opening_ingress_rules,
+    policy_names,
+)
 from builders.names import StackNames
 from components.admission_guard import (
     OWN_POLICY_NAME,
@@ -193,6 +199,73 @@ ORDINARY: dict[str, Any] = {
 }
 
 
+# Ingress to a protected namespace (issue 19, point 8): a policy there admits
+# only the namespace's own pods and those of cluster.ingressFrom. The engine
+# tests apply the same cases to a real API server.
+INGRESS_SOURCE = "ingress-controllers"
+
+OPENING_INGRESS: dict[str, Any] = {
+    "allow-all-ingress": lambda s: {"ingress": [{}]},
+    "a-port-from-anywhere": lambda s: {"ingress": [{"ports": [{"protocol": "TCP", "port": 8080}]}]},
+    "every-namespace": lambda s: {"ingress": [{"from": [{"namespaceSelector": {}}]}]},
+    "another-namespace": lambda s: {"ingress": [{"from": [{"namespaceSelector": ns_named("kube-public")}]}]},
+    "the-lan": lambda s: {"ingress": [{"from": [{"ipBlock": {"cidr": "192.168.0.0/16"}}]}]},
+    "the-node": lambda s: {"ingress": [{"from": [{"podSelector": {}}, {"ipBlock": {"cidr": "10.42.0.1/32"}}]}]},
+    "the-source-and-more-by-expression": lambda s: {
+        "ingress": [
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {
+                            "matchExpressions": [
+                                {
+                                    "key": "kubernetes.io/metadata.name",
+                                    "operator": "In",
+                                    "values": [INGRESS_SOURCE, "x"],
+                                }
+                            ]
+                        }
+                    }
+                ]
+            }
+        ]
+    },
+    "egress-typed-with-open-ingress": lambda s: {"ingress": [{}], "policyTypes": ["Egress"]},
+}
+
+ORDINARY_INGRESS: dict[str, Any] = {
+    "own-pods": lambda s: {"ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]},
+    "own-namespace-by-name": lambda s: {"ingress": [{"from": [{"namespaceSelector": ns_named(s.protected)}]}]},
+    "the-ingress-source": lambda s: {
+        "ingress": [
+            {
+                "from": [{"namespaceSelector": ns_named(INGRESS_SOURCE), "podSelector": {}}],
+                "ports": [{"protocol": "TCP", "port": 8080}],
+            }
+        ]
+    },
+}
+
+# Services in a protected namespace: refused, and admitted.
+EXPOSED_SERVICES: dict[str, Manifest] = {
+    "external-ips": {"externalIPs": ["203.0.113.10"]},
+    "node-port": {"type": "NodePort"},
+    "load-balancer": {"type": "LoadBalancer"},
+}
+CLUSTER_SERVICES: dict[str, Manifest] = {
+    "cluster-ip": {},
+    "headless": {"clusterIP": "None"},
+    "external-name": {"type": "ExternalName", "externalName": "example.com"},
+}
+
+
+def service(name: str, namespace: str, **spec: Any) -> Manifest:
+    body = {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}], **spec}
+    if spec.get("type") == "ExternalName":
+        del body["selector"]
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace}, "spec": body}
+
+
 class TestWhatIsDeployed:
     def test_four_policies_each_bound_to_deny(self) -> None:
         found = guard(dev())
@@ -224,7 +297,7 @@ class TestWhatIsDeployed:
     def test_the_node_guards_namespace_has_pods_of_its_daemonset_alone_and_no_exec(self) -> None:
         """Issue 19, point 9: the one privileged namespace is guarded too."""
         found = guard(pinned())
-        pods_name, exec_name = policy_names(prefix("pinned"))[4:]
+        pods_name, exec_name = policy_names(prefix("pinned"))[4:6]
         for name in (pods_name, exec_name):
             assert namespaces_selected(found[f"{BINDING}/{name}"]) == ["tailscale-egress-node-guard"]
         pods = found[f"{VAP}/{pods_name}"]["spec"]
@@ -267,7 +340,11 @@ class TestWhoIsExempt:
     def test_the_configured_deployer_is_written_into_every_exemption(self) -> None:
         user = 'oidc:Dev "Ops"\\x'
         found = guard(evaluated(with_config(pinned_config(), "cluster", deployer=user), "who"))
-        policies = [o for key, o in found.items() if key.startswith(f"{VAP}/")]
+        # The Services policy exempts nobody: the stack writes no Service in a protected namespace.
+        services = policy_names(prefix("who"))[6]
+        assert "matchConditions" not in found[f"{VAP}/{services}"]["spec"]
+        policies = [o for key, o in found.items() if key.startswith(f"{VAP}/") and key != f"{VAP}/{services}"]
+        assert len(policies) == 6
         for policy in policies:
             conditions = " ".join(c["expression"] for c in policy["spec"]["matchConditions"])
             assert f"request.userInfo.username == {cel_string(user)}" in conditions or (
@@ -420,6 +497,30 @@ class TestPoliciesThatExistBeforeTheGuard:
     def test_each_ordinary_policy_passes(self, case: str) -> None:
         policy = network_policy(case, "team-a", **ORDINARY[case](self.WHERE))
         assert opening_egress_rules(policy, "tailscale-egress", (1080, 3128)) == []
+
+    @pytest.mark.parametrize("case", sorted(OPENING_INGRESS))
+    def test_each_policy_opening_ingress_is_found(self, case: str) -> None:
+        policy = network_policy(case, "team-a", **OPENING_INGRESS[case](self.WHERE))
+        assert opening_ingress_rules(policy, (INGRESS_SOURCE,)) != []
+
+    @pytest.mark.parametrize("case", sorted(ORDINARY_INGRESS))
+    def test_each_ordinary_ingress_policy_passes(self, case: str) -> None:
+        policy = network_policy(case, "team-a", **ORDINARY_INGRESS[case](self.WHERE))
+        assert opening_ingress_rules(policy, (INGRESS_SOURCE,)) == []
+
+    def test_ingress_from_the_source_is_found_once_it_leaves_cluster_ingress_from(self) -> None:
+        policy = network_policy("web", "team-a", **ORDINARY_INGRESS["the-ingress-source"](self.WHERE))
+        assert opening_ingress_rules(policy, ()) == [0]
+
+    def test_the_preflight_names_an_ingress_rule_and_the_key_that_admits_its_source(self) -> None:
+        cluster = ClusterConfig(protectedNamespaces=["team-a"])  # type: ignore[call-arg]
+        web = network_policy("web", "team-a", ingress=[{"from": [{"namespaceSelector": ns_named("traefik")}]}])
+        assert opening_policies(cluster, [web]) == [
+            'NetworkPolicy team-a/web: ingress[0] = {"from": [{"namespaceSelector": {"matchLabels":'
+            ' {"kubernetes.io/metadata.name": "traefik"}}}]}'
+        ]
+        admitted = ClusterConfig(protectedNamespaces=["team-a"], ingressFrom=["traefik"])  # type: ignore[call-arg]
+        assert opening_policies(admitted, [web]) == []
 
     def test_the_preflight_names_the_namespace_the_policy_and_the_rule(self) -> None:
         cluster = ClusterConfig(protectedNamespaces=["team-a"])  # type: ignore[call-arg]

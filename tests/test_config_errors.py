@@ -432,3 +432,8 @@ def test_a_server_type_sold_but_not_available_now_says_so() -> None:
     assert problem is not None and "'cx23' is not available at the moment in exitNode.location = 'fsn1'" in problem
     assert "pulumi config set --path exitNode.location nbg1" in problem
     assert server_type_problem("cx23", "nbg1", {"fsn1": False, "nbg1": True}) is None
+
+
+def test_an_ingress_source_that_is_no_namespace_name_is_refused_naming_the_key() -> None:
+    message = refused(with_config(dev_config(), "cluster", ingressFrom=["Kube_System"]))
+    assert "tailscale-egress:cluster.ingressFrom[0] = 'Kube_System': must be a DNS label" in message

@@ -115,6 +115,15 @@ class TestWorkloadsInProtectedNamespaces:
                 reached = {dst: finite(c) for dst, c in nca_map.pod_destinations(src).items()}
                 assert reached == expected, f"{src} in protected namespace {namespace}"
 
+    def test_accept_connections_from_their_own_namespace_only(self, cluster: Cluster, nca_map: ConnectivityMap) -> None:
+        # Issue 19, point 8: another namespace's pod, the LAN or the node opening a connection to a
+        # protected pod is a two-way channel that never touches the relay.
+        for namespace, pods in cluster.workloads.items():
+            for dst in pods:
+                sources = {src for src, c in nca_map.pod_sources(dst).items() if c}
+                assert sources == {p for p in pods if p != dst}, f"{dst} in protected namespace {namespace}"
+                assert [str(a) for a, c in nca_map.address_sources(dst) if c] == [], dst
+
     def test_of_different_protected_namespaces_cannot_reach_each_other(
         self, pinned_map: tuple[Cluster, ConnectivityMap]
     ) -> None:

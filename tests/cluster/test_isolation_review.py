@@ -41,6 +41,8 @@ from tests.support.deployment import (
     kubectl,
     kubectl_command,
     namespace_labels,
+    pod,
+    running_pod,
     wait,
 )
 
@@ -310,3 +312,44 @@ def test_nobody_but_the_deployer_execs_into_the_node_guard(review: Deployment) -
     p = kubectl(*MALLORY, "-n", GUARD_NS, "exec", guard, "--", "iptables-legacy-save")
     assert p.returncode != 0, f"mallory ran a command in the node guard (host network, NET_ADMIN): {p.stdout[:300]}"
     assert "node-guard-exec" in p.stderr, p.stderr
+
+
+# ---------------------------------------------------------------- point 8: ingress and Services
+@pytest.fixture(scope="module")
+def protected_server(review: Deployment) -> Iterator[str]:
+    """A server in the protected namespace, as a developer's app would run."""
+    server = running_pod(review.api, pod("inner", PROTECTED, f"exec httpd -f -p {SERVER_PORT} -h /tmp"))
+    yield str(server["status"]["podIP"])
+    kubectl("delete", "pod", "-n", PROTECTED, "inner", "--wait=false")
+
+
+def test_another_namespaces_pod_cannot_open_a_connection_to_a_protected_pod(
+    review: Deployment, protected_server: str
+) -> None:
+    target = f"{protected_server}:{SERVER_PORT}"
+    assert review.workload("tcp", target)["ok"], "the protected server does not answer its own namespace"
+    r = review.control("tcp", target)
+    assert not r["ok"], f"{OPEN}/control opened a connection to {PROTECTED}/inner, a channel past the relay: {r}"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"type": "NodePort"}, {"type": "LoadBalancer"}, {"externalIPs": [EXIT_PUBLIC_IP]}],
+    ids=["node-port", "load-balancer", "external-ips"],
+)
+def test_a_protected_namespace_cannot_expose_its_pods_or_take_an_address_over(
+    review: Deployment, spec: dict[str, Any]
+) -> None:
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "exposed", "namespace": PROTECTED},
+        "spec": {"selector": {"app": "inner"}, "ports": [{"port": SERVER_PORT}], **spec},
+    }
+    p = subprocess.run(
+        kubectl_command("create", "-f", "-"), input=json.dumps(service), capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    if p.returncode == 0:
+        kubectl("delete", "service", "-n", PROTECTED, "exposed", "--wait=false")
+    assert p.returncode != 0 and "ValidatingAdmissionPolicy" in p.stderr, f"admitted: {spec}\n{p.stdout}{p.stderr}"

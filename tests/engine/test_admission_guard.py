@@ -37,7 +37,17 @@ from devtools.mockstack import PROJECT, Evaluation, evaluate
 from preflight import OFFLINE_ENV, PreflightError
 from tests.stacks import RELAY_AUTH_KEY, cluster_only_config, kube_objects, with_config
 from tests.support.apiserver import Cluster
-from tests.test_admission_guard import OPENING, ORDINARY, network_policy
+from tests.test_admission_guard import (
+    CLUSTER_SERVICES,
+    EXPOSED_SERVICES,
+    INGRESS_SOURCE,
+    OPENING,
+    OPENING_INGRESS,
+    ORDINARY,
+    ORDINARY_INGRESS,
+    network_policy,
+    service,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -54,6 +64,7 @@ PSA = "pod-security.kubernetes.io"
 EGRESS_REFUSED = "may allow egress only to the relay"
 OBJECT_REFUSED = "belongs to tailscale-egress stack"
 LABELS_REFUSED = "must stay restricted"
+INGRESS_REFUSED = "may allow ingress only from pods of this namespace"
 
 
 def _unavailable(why: str) -> None:
@@ -118,6 +129,10 @@ class Stack:
         return policy_names(self.prefix)[0]
 
     @property
+    def services_policy(self) -> str:
+        return policy_names(self.prefix)[6]
+
+    @property
     def objects_policy(self) -> str:
         return policy_names(self.prefix)[1]
 
@@ -152,7 +167,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     config = with_config(
         cluster_only_config(relay), "cluster", protectedNamespaces=[{"name": protected, "create": True}]
     )
-    config = with_config(config, "cluster", deployer=deployer)
+    config = with_config(config, "cluster", deployer=deployer, ingressFrom=[INGRESS_SOURCE])
     evaluation = evaluate(config, name, secret_keys=(RELAY_AUTH_KEY,))
     assert evaluation.error is None, evaluation.error
     ours = {protected, relay}
@@ -273,6 +288,59 @@ class TestExtraNetworkPolicies:
         result = kubectl(ALICE, "create", "-f", "-", stdin=as_yaml(policy))
         assert f"NetworkPolicy {stack.protected}/helm-chart-default:" in result.stderr
         assert f"envFrom: configMapRef {PROXY_CONFIGMAP}" in result.stderr
+
+
+class TestIngressPolicies:
+    """Issue 19, point 8: ingress to a protected namespace from its own pods
+    and cluster.ingressFrom only; the same cases as the preflight's mirror."""
+
+    @pytest.mark.parametrize("case", sorted(OPENING_INGRESS))
+    def test_a_policy_that_opens_ingress_is_refused(self, stack: Stack, case: str) -> None:
+        policy = network_policy(case, stack.protected, **OPENING_INGRESS[case](stack))
+        refused(kubectl(ALICE, "create", "-f", "-", stdin=as_yaml(policy)), stack.egress_policy, INGRESS_REFUSED)
+
+    @pytest.mark.parametrize("case", sorted(ORDINARY_INGRESS))
+    def test_ingress_from_the_namespace_and_cluster_ingress_from_is_admitted(self, stack: Stack, case: str) -> None:
+        policy = network_policy(case, stack.protected, **ORDINARY_INGRESS[case](stack))
+        ok(kubectl(ALICE, "create", "-f", "-", stdin=as_yaml(policy)))
+        ok(kubectl(ALICE, "delete", "networkpolicy", case, "-n", stack.protected))
+
+    def test_the_deployer_cannot_open_ingress_either(self, stack: Stack) -> None:
+        policy = network_policy("chart", stack.protected, ingress=[{}])
+        refused(kubectl(ADMIN, "create", "-f", "-", stdin=as_yaml(policy)), stack.egress_policy, INGRESS_REFUSED)
+
+
+class TestServices:
+    """Issue 19, point 8: no externalIPs (they take addresses over for the
+    whole cluster), no NodePort or LoadBalancer in a protected namespace."""
+
+    @pytest.mark.parametrize("case", sorted(EXPOSED_SERVICES))
+    @pytest.mark.parametrize("who", ["alice", "the-deployer"])
+    def test_an_exposed_service_is_refused(self, stack: Stack, case: str, who: str) -> None:
+        context = ALICE if who == "alice" else ADMIN
+        manifest = service(case, stack.protected, **EXPOSED_SERVICES[case])
+        message = "may not set externalIPs" if case == "external-ips" else "must be of type ClusterIP, ExternalName"
+        refused(kubectl(context, "create", "-f", "-", stdin=as_yaml(manifest)), stack.services_policy, message)
+
+    @pytest.mark.parametrize("case", sorted(CLUSTER_SERVICES))
+    def test_a_service_inside_the_cluster_is_admitted(self, stack: Stack, case: str) -> None:
+        ok(kubectl(ALICE, "create", "-f", "-", stdin=as_yaml(service(case, stack.protected, **CLUSTER_SERVICES[case]))))
+        ok(kubectl(ALICE, "delete", "service", case, "-n", stack.protected))
+
+    def test_exposing_an_admitted_service_later_is_refused(self, stack: Stack) -> None:
+        ok(kubectl(ALICE, "create", "-f", "-", stdin=as_yaml(service("later", stack.protected))))
+        try:
+            for patch in ({"spec": {"type": "NodePort"}}, {"spec": {"externalIPs": ["198.51.100.7"]}}):
+                result = kubectl(
+                    ALICE, "patch", "service", "later", "-n", stack.protected, "--type=merge", "-p", json.dumps(patch)
+                )
+                assert result.returncode != 0 and stack.services_policy in result.stderr, result.stderr
+        finally:
+            ok(kubectl(ALICE, "delete", "service", "later", "-n", stack.protected))
+
+    def test_services_elsewhere_are_not_its_business(self, stack: Stack) -> None:
+        manifest = service("exposed", stack.relay, type="NodePort")
+        ok(kubectl(ADMIN, "create", "--dry-run=server", "-f", "-", stdin=as_yaml(manifest)))
 
 
 class TestTheStacksObjects:
