@@ -16,6 +16,7 @@ import pytest
 
 from config import EXIT_NODE_IMAGES, HETZNER_LOCATIONS, HETZNER_SERVER_TYPES, StackConfig
 from tests.stacks import repo_path
+from tools.demo import WALK_THROUGH
 
 # Commands as the docs write them: `make up STACK=<you>`, `sudo make demo`.
 MAKE_COMMAND = re.compile(r"`(?:sudo )?make ([a-z][a-z0-9-]*)(?: [A-Z_]+=[^`]*)?`")
@@ -185,6 +186,14 @@ def test_the_walk_through_goes_from_a_new_stack_to_removing_it_in_order() -> Non
     where = [walk_through.find(milestone) for milestone in milestones]
     assert -1 not in where, [m for m, at in zip(milestones, where, strict=True) if at == -1]
     assert where == sorted(where), "the walk-through's steps are out of order"
+
+
+def test_make_demo_names_the_walk_through_steps_it_follows_as_the_readme_numbers_them() -> None:
+    # tests/cluster/test_demo.py checks that the demo prints them, in this order, and does each.
+    walk_through = readme()[readme().index("## Deploy your stack") :]
+    titles = {int(n): t for n, t in re.findall(r"^(\d+)\. \*\*([^*]+?):?\*\*", walk_through, flags=re.MULTILINE)}
+    assert {n: titles[n] for n in WALK_THROUGH} == WALK_THROUGH
+    assert list(WALK_THROUGH) == sorted(WALK_THROUGH) and {1, 4, 5, 6, 7} <= set(WALK_THROUGH)
 
 
 def test_the_tailnet_policy_entries_the_readme_gives_are_the_ones_the_stack_asks_for() -> None:

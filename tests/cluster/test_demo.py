@@ -7,6 +7,7 @@ cluster conftest runs it last, and only on a cluster this run started."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from tests.cluster.conftest import CLUSTER_STARTED_HERE
 from tests.datapath.topology import EXIT_PUBLIC_IP
 from tests.support.cluster_env import BUILD, Cluster, _alive
+from tools.demo import WALK_THROUGH
 
 pytestmark = pytest.mark.cluster
 
@@ -47,6 +49,10 @@ def test_demo_deploys_and_verifies_and_demo_down_leaves_nothing(
         assert "PASS" in table and "FAIL" not in table, table
         assert EXIT_PUBLIC_IP in table, f"the way out was not seen from the exit node {EXIT_PUBLIC_IP}:\n{table}"
         assert "KUBECONFIG=" in out and "make demo-down" in out, out[-3000:]
+        # The README's walk-through, where the demo shares it: each step by its number and title, in order.
+        printed = re.findall(r"^README step (\d+), ([^:]+):", out, flags=re.MULTILINE)
+        assert printed == [(str(n), t) for n, t in WALK_THROUGH.items() if n != 7], printed
+        assert f"the internet saw it come from {EXIT_PUBLIC_IP}" in out, out[-3000:]
         assert (BUILD / "demo.json").exists()
         pids = list(json.loads((BUILD / "state.json").read_text())["pids"].values())
         ours = {n for n in netns_names() if n.startswith(cluster.ns(""))}
@@ -54,6 +60,8 @@ def test_demo_deploys_and_verifies_and_demo_down_leaves_nothing(
     finally:
         down = demo("down", 300)
     assert down.returncode == 0, down.stdout + down.stderr
+    assert "README step 7, Remove it: pulumi destroy" in down.stdout
+    assert "has its own labels back" in down.stdout, down.stdout[-3000:]
     assert not {n for n in netns_names() if n.startswith(cluster.ns(""))}, netns_names()
     # Zombies do not count: the processes this pytest started for the cluster
     # are its children, and demo-down (another process) cannot reap them.

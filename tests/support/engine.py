@@ -109,24 +109,29 @@ class Engine:
             timeout=600,
         )
 
+    def _options(self) -> auto.LocalWorkspaceOptions:
+        return auto.LocalWorkspaceOptions(
+            work_dir=str(self.workdir),
+            pulumi_home=str(self.home),
+            pulumi_command=auto.PulumiCommand(root=str(cache_dir()), skip_version_check=True),
+            env_vars=self.env,
+            project_settings=auto.ProjectSettings(name=PROJECT, runtime="python"),
+            secrets_provider="passphrase",
+        )
+
     def stack(self, name: str, config: Mapping[str, Any], secret_keys: tuple[str, ...] = ()) -> auto.Stack:
         """The stack `name` with exactly `config` ({"<ns>:<key>": value}) in its stack file."""
-        command = auto.PulumiCommand(root=str(cache_dir()), skip_version_check=True)
         stack = auto.create_or_select_stack(
-            stack_name=name,
-            project_name=PROJECT,
-            program=run_project_program,
-            opts=auto.LocalWorkspaceOptions(
-                work_dir=str(self.workdir),
-                pulumi_home=str(self.home),
-                pulumi_command=command,
-                env_vars=self.env,
-                project_settings=auto.ProjectSettings(name=PROJECT, runtime="python"),
-                secrets_provider="passphrase",
-            ),
+            stack_name=name, project_name=PROJECT, program=run_project_program, opts=self._options()
         )
         self.write_config(name, config, secret_keys)
         return stack
+
+    def select(self, name: str) -> auto.Stack:
+        """The existing stack `name`, with the config it was deployed with."""
+        return auto.select_stack(
+            stack_name=name, project_name=PROJECT, program=run_project_program, opts=self._options()
+        )
 
     def stack_file(self, name: str) -> Path:
         return self.workdir / f"Pulumi.{name}.yaml"
