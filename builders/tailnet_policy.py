@@ -195,7 +195,8 @@ class Offence:
                 'the policy file has neither "acls" nor "grants": Tailscale then allows every device to reach'
                 " every other device (the default allow-all policy), so a pod could reach any device of the"
                 ' tailnet through the relay. Fix: write explicit rules, e.g. {"grants": [{"src":'
-                ' ["autogroup:member"], "dst": ["*"], "ip": ["*"]}]} for your own devices, plus this stack\'s entries'
+                ' ["autogroup:member"], "dst": ["autogroup:member"], "ip": ["*"]}]} for your own devices, plus'
+                " this stack's entries"
             )
         via = " (through " + ", ".join(f'"{s}"' for s in self.relay_src) + ")" if self.relay_src != [relay_tag] else ""
         return (
@@ -229,6 +230,34 @@ def relay_offences(policy: Mapping[str, Any], relay_tag: str) -> list[Offence]:
         beyond = [d for d in grant.get("dst") or [] if d != INTERNET]
         if srcs and beyond:
             found.append(Offence("grants", i, grant, srcs, beyond))
+    return found
+
+
+def rules_reaching_the_relay(policy: Mapping[str, Any], relay_tag: str) -> list[str]:
+    """Every rule that lets devices open connections to the relay. The relay
+    serves nothing to the tailnet, and a device that may reach it is in its
+    netmap: that device's peer API, which tailscaled opens to every peer of
+    its netmap whatever the policy says, is then one proxy request away from
+    every protected pod."""
+    found = []
+    rules = [("acls", i, r, r.get("dst", r.get("ports")) or []) for i, r in enumerate(policy.get("acls") or [])]
+    rules += [("grants", i, g, g.get("dst") or []) for i, g in enumerate(policy.get("grants") or [])]
+    for section, i, rule, dsts in rules:
+        if not isinstance(rule, Mapping) or (section == "acls" and rule.get("action", "accept") != "accept"):
+            continue
+        if section == "grants" and not rule.get("ip"):
+            continue  # app capabilities only: no network access
+        hosts = [_acl_host(str(d)) if section == "acls" else str(d) for d in dsts]
+        reaching = [h for h in hosts if h != INTERNET and _covers_relay(h, policy, relay_tag)]
+        if reaching:
+            found.append(
+                f'{section}[{i}] lets its src reach "{relay_tag}" (through '
+                + ", ".join(f'"{h}"' for h in reaching)
+                + "): those devices enter the relay's netmap, and their peer APIs, which Tailscale opens to"
+                " every peer whatever the policy says, come within reach of every protected pod through the"
+                f" relay's proxies: {json.dumps(rule)}. Fix: narrow its dst to what those devices need (e.g."
+                ' "autogroup:member" or "autogroup:self" instead of "*"); nothing needs to reach the relay'
+            )
     return found
 
 
@@ -271,6 +300,7 @@ def policy_problems(policy: Mapping[str, Any], exit_node_tag: str, relay_tag: st
             " the relay could not use the exit node"
         )
     problems += [o.describe(relay_tag) for o in relay_offences(policy, relay_tag)]
+    problems += rules_reaching_the_relay(policy, relay_tag)
     missing = missing_tests(policy, exit_node_tag, relay_tag)
     if missing:
         problems.append(
@@ -322,14 +352,16 @@ def merged_policy(current: Mapping[str, Any], exit_node_tag: str, relay_tag: str
     stack's own earlier grant without `via` is replaced).
 
     Raises UnsafePolicyError when a rule of `current` lets the relay reach more
-    than the internet: Tailscale would reject the file for its `tests`, and
-    the rule is a way around the isolation either way.
+    than the internet (Tailscale would reject the file for its `tests`, and
+    the rule is a way around the isolation either way), or lets devices reach
+    the relay (their peer APIs would be within its reach).
     """
-    offences = relay_offences(current, relay_tag)
-    if offences:
+    unsafe = [o.describe(relay_tag) for o in relay_offences(current, relay_tag)]
+    unsafe += rules_reaching_the_relay(current, relay_tag)
+    if unsafe:
         raise UnsafePolicyError(
             "refusing to manage the tailnet policy file: "
-            + "; ".join(o.describe(relay_tag) for o in offences)
+            + "; ".join(unsafe)
             + "\nFix the policy file by hand (admin console, Access controls), then run `pulumi up` again."
         )
     merged: Policy = copy.deepcopy(dict(current))

@@ -83,7 +83,7 @@ def test_the_policy_file_is_not_touched_by_default() -> None:
 
 
 def test_managing_the_policy_adds_our_entries_and_keeps_the_rest() -> None:
-    existing = {**PERMISSIVE_POLICY, "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["*:22"]}]}
+    existing = {**PERMISSIVE_POLICY, "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:server:22"]}]}
     config = with_config(dev_config(), "tailnet", managePolicy=True)
     evaluation = evaluate(config, "managed", fakes=FakeProviders(policy=existing))
     assert evaluation.error is None, evaluation.error

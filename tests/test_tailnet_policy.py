@@ -120,8 +120,10 @@ def test_every_rule_that_opens_the_tailnet_to_the_relay_is_named(case: str) -> N
     rule = policy[section][index]
     (offence,) = relay_offences(policy, RELAY)
     assert (offence.section, offence.index) == (section, index)
-    (problem,) = policy_problems(policy, EXIT, RELAY)
-    assert f'{section}[{index}] lets "{RELAY}"' in problem
+    problems = policy_problems(policy, EXIT, RELAY)
+    (problem,) = [p for p in problems if p.startswith(f'{section}[{index}] lets "{RELAY}"')]
+    # Nothing else, but that the same rule may also let devices reach the relay.
+    assert all(p == problem or "lets its src reach" in p for p in problems), problems
     assert json.dumps(rule) in problem, "the rule's text is not in the message"
     assert "Fix:" in problem
 
@@ -136,12 +138,12 @@ def test_a_policy_with_neither_acls_nor_grants_is_allow_all_and_refused() -> Non
 @pytest.mark.parametrize(
     "rule",
     [
-        {"grants": [{"src": ["autogroup:member"], "dst": ["*"], "ip": ["*"]}]},
+        {"grants": [{"src": ["autogroup:member"], "dst": ["autogroup:member"], "ip": ["*"]}]},
         {
             "groups": {"group:ops": ["alice@example.com"]},
-            "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["*:*"]}],
+            "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:server:*", "autogroup:self:*"]}],
         },
-        {"acls": [{"action": "accept", "src": ["alice@example.com", "10.0.0.0/8"], "dst": ["*:*"]}]},
+        {"acls": [{"action": "accept", "src": ["alice@example.com", "10.0.0.0/8"], "dst": ["192.168.0.0/16:*"]}]},
         {"acls": [{"action": "accept", "src": [RELAY], "dst": ["autogroup:internet:443"]}]},
         # Application capabilities only: no packets.
         {"grants": [{"src": [RELAY], "dst": ["tag:idp"], "app": {"example.com/cap/login": [{}]}}]},
@@ -152,6 +154,38 @@ def test_a_policy_with_neither_acls_nor_grants_is_allow_all_and_refused() -> Non
 )
 def test_rules_that_do_not_cover_the_relay_or_give_it_only_the_internet_pass(rule: dict[str, Any]) -> None:
     assert policy_problems(stack_policy(**rule), EXIT, RELAY) == []
+
+
+# Issue 19, point 2: a device that may reach the relay is in its netmap, and its
+# peer API (open to every peer whatever the policy says) is then one proxy
+# request away from every protected pod.
+@pytest.mark.parametrize(
+    ("rule", "through"),
+    [
+        ({"grants": [{"src": ["autogroup:member"], "dst": ["*"], "ip": ["*"]}]}, "*"),
+        ({"acls": [{"action": "accept", "src": ["group:ops"], "dst": ["*:*"]}]}, "*"),
+        ({"acls": [{"action": "accept", "src": ["alice@example.com"], "dst": [f"{RELAY}:22"]}]}, RELAY),
+        (
+            {"grants": [{"src": ["autogroup:member"], "dst": ["autogroup:tagged"], "ip": ["tcp:443"]}]},
+            "autogroup:tagged",
+        ),
+        ({"acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["100.64.0.0/10:*"]}]}, "100.64.0.0/10"),
+        (
+            {"hosts": {"relays": "100.64.0.0/10"}, "grants": [{"src": ["tag:ci"], "dst": ["relays"], "ip": ["*"]}]},
+            "relays",
+        ),
+    ],
+    ids=["members-to-all", "group-to-all-acl", "a-user-to-the-relay", "members-to-tagged", "tailnet-range", "host"],
+)
+def test_every_rule_that_lets_devices_reach_the_relay_is_named(rule: dict[str, Any], through: str) -> None:
+    policy = stack_policy(**rule)
+    (problem,) = policy_problems(policy, EXIT, RELAY)
+    section = "grants" if "grants" in rule else "acls"
+    index = policy[section].index(rule[section][0])
+    assert problem.startswith(f'{section}[{index}] lets its src reach "{RELAY}" (through "{through}")'), problem
+    assert "peer APIs" in problem and "Fix:" in problem
+    with pytest.raises(UnsafePolicyError, match="lets its src reach"):
+        merged_policy(policy, EXIT, RELAY)
 
 
 def test_the_policy_the_stack_asks_for_passes_without_warning() -> None:
@@ -260,7 +294,7 @@ def test_the_refusal_prints_tests_for_the_users_own_devices_and_ports() -> None:
 def test_the_managed_policy_routes_via_the_exit_node_and_carries_the_tests() -> None:
     existing = {
         "tagOwners": {"tag:server": ["group:ops"]},
-        "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["*:*"]}],
+        "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:server:*"]}],
     }
     config = with_config(dev_config(), "tailnet", managePolicy=True)
     evaluation = evaluate(config, "managed", fakes=FakeProviders(policy=existing))

@@ -36,6 +36,8 @@ from typing import Any
 
 import pytest
 
+from builders.tailnet_policy import policy_problems
+
 from .stack_tailnet import EXIT_TAG, LAPTOP_LINK, RELAY_TAG, apply_guard, remove_guard, stack_policy_for_headscale
 from .topology import ECHO_NAME, EXIT_PUBLIC_IP, INTERNET_IP, Topology, TopologyError, wait_for
 
@@ -79,6 +81,17 @@ class Tailnet:
     def reached(self) -> dict[str, list[str]]:
         """For each device service: the proxies through which the workload got an answer."""
         return {name: [p for p, body in self.through(url).items() if body] for name, url in self.services().items()}
+
+    def peer_api(self, role: str) -> str:
+        """The peer API's URL of the device `role` (its tailnet IPv4), as its own tailscaled gives it."""
+        status = json.loads(self.t.ts(role, "status", "--json").stdout)
+        ipv4 = self.t.ts(role, "ip", "-4").stdout.strip()
+        return str(next(u for u in status["Self"]["PeerAPIURL"] if u.startswith(f"http://{ipv4}:")))
+
+    def relay_peers(self) -> list[str]:
+        """The host names of the devices in the relay's netmap."""
+        p = self.t.in_relay(["tailscale", "--socket=/tmp/tailscaled.sock", "status", "--json"])
+        return sorted(peer["HostName"] for peer in (json.loads(p.stdout).get("Peer") or {}).values())
 
     def internet_ok(self) -> None:
         def ok() -> bool:
@@ -252,6 +265,17 @@ class TestStackPolicy:
             headscale.send_signal(signal.SIGHUP)
         net.internet_ok()
 
+    def test_the_relay_has_no_peer_but_the_exit_node_so_no_devices_peer_api_is_in_reach(
+        self, stack_tailnet: Tailnet
+    ) -> None:
+        """Issue 19, point 2: Tailscale opens a device's peer API to every peer of
+        its netmap whatever the policy says; under the stack's policy nothing may
+        reach the relay, so the laptop is not its peer."""
+        assert stack_tailnet.relay_peers() == ["exit"]
+        assert stack_tailnet.through(stack_tailnet.peer_api("laptop") + "/") == dict.fromkeys(
+            (stack_tailnet.t.http_proxy(), stack_tailnet.t.socks_proxy())
+        )
+
     def test_names_resolved_through_the_exit_node_still_resolve_behind_its_guard(self, stack_tailnet: Tailnet) -> None:
         """With an exit node, tailscaled's proxies resolve a name they do not
         know (not MagicDNS, not an extra record) by DoH to the exit node's peer
@@ -328,5 +352,12 @@ def test_with_members_rules_and_the_grant_without_via_the_laptop_stays_out_of_re
         assert reached["laptop"] == reached["exit-tailnet"] == reached["exit-tailnet6"] == [], reached
         rc, out = hs_policy_check(net.t, policy)
         assert rc == 0, out
+        # But members may reach the relay ("dst": ["*"]): the laptop is the relay's peer, and its peer
+        # API answers through both proxies (issue 19, point 2). The preflight refuses this rule.
+        assert "laptop" in net.relay_peers()
+        answered = net.through(net.peer_api("laptop") + "/")
+        assert all(body is not None for body in answered.values()), answered
+        problems = policy_problems(policy, EXIT_TAG, RELAY_TAG)
+        assert any(p.startswith('grants[0] lets its src reach "tag:egress-relay" (through "*")') for p in problems)
     finally:
         net.t.close()

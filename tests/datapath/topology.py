@@ -961,10 +961,11 @@ class Topology:
         }
         if not self.relay_authkey:
             self.relay_authkey = self.preauth_key(ephemeral=True)
-        # The real (reusable, ephemeral) headscale key: the render puts it in the
-        # relay's Secret; the Deployment reads it through a secretKeyRef, which
-        # this harness resolves to the same key.
-        config["tailscale-egress:relayAuthKey"] = self.relay_authkey
+        # Stored as `pulumi config set --secret` stores it (the program refuses a
+        # plain one); the render shows "[secret]" in the relay's Secret, and this
+        # harness writes the real (reusable, ephemeral) headscale key into the
+        # file the relay reads (relay_env, start_relay).
+        config["tailscale-egress:relayAuthKey"] = {"secure": "v1:datapath-harness"}
         config.update(extra_config or {})
         cfg_file = self.workdir / "Pulumi.datapath.yaml"
         cfg_file.write_text(yaml.safe_dump({"config": config}, sort_keys=False))
