@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from devtools import cpu_profile
+from devtools import bench_stats, cpu_profile
 
 TRACES = """\
 File: tailscaled
@@ -98,3 +98,38 @@ def test_the_totals_add_up_and_the_largest_comes_first() -> None:
     assert totals[cpu_profile.GARBAGE_COLLECTION] == pytest.approx(0.07)
     assert sum(totals.values()) == pytest.approx(sum(s.seconds for s in samples()))
     assert cpu_profile.shares(totals).startswith("ChaCha20-Poly1305 84% (1.20 s), netstack")
+
+
+# The benchmarks' verdicts (devtools/bench_stats.py, issue 20).
+
+
+def test_percentiles_interpolate_between_ranks() -> None:
+    assert bench_stats.percentile([1, 2, 3, 4], 50) == 2.5
+    assert bench_stats.percentile([5, 1, 3], 90) == pytest.approx(4.6)
+    assert bench_stats.percentile([7], 99) == 7
+
+
+def test_the_interval_holds_the_estimate_and_narrows_with_more_runs() -> None:
+    noisy = [1.0, 1.4, 0.9, 1.2, 1.1]
+    few = bench_stats.bootstrap([noisy], bench_stats.median)
+    many = bench_stats.bootstrap([noisy * 8], bench_stats.median)
+    assert few.low <= few.estimate == 1.1 <= few.high
+    assert many.high - many.low < few.high - few.low
+
+
+def test_a_goal_is_met_only_when_the_whole_interval_clears_it() -> None:
+    interval = bench_stats.Interval(1.0, 0.9, 1.1)
+    assert bench_stats.at_most(interval, 1.2) == "met"
+    assert bench_stats.at_most(interval, 1.0) == "inconclusive"
+    assert bench_stats.at_most(interval, 0.8) == "not met"
+    assert bench_stats.at_least(interval, 0.8) == "met"
+    assert bench_stats.at_least(interval, 1.0) == "inconclusive"
+    assert bench_stats.at_least(interval, 1.2) == "not met"
+
+
+def test_a_ratio_of_two_samples_resamples_each_on_its_own() -> None:
+    ratio = bench_stats.bootstrap(
+        [[2.0, 2.2, 1.8], [1.0, 1.1, 0.9]], lambda a, b: bench_stats.median(a) / bench_stats.median(b)
+    )
+    assert ratio.estimate == pytest.approx(2.0)
+    assert ratio.low < 2.0 < ratio.high
