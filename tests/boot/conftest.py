@@ -20,12 +20,14 @@ except under CI=true, where that fails.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -63,6 +65,10 @@ PEER_LINK = ("198.18.1.0/24", "198.18.1.10")
 PEER = "peer"
 
 
+# Every run writes its figures here, passed or failed (docs/development.md quotes them).
+TIMINGS_FILE = REPO / "build" / "boot-timings.json"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("TS_EGRESS_CACHE") or Path.home() / ".cache" / "tailscale-egress")
 
@@ -95,10 +101,102 @@ class BootImage:
         return self.dir / "disk.raw"
 
 
+def _boot_selected(config: pytest.Config) -> bool:
+    markexpr = config.option.markexpr or ""
+    return "boot" in markexpr and "not boot" not in markexpr
+
+
+class BootTimings:
+    """What a run measured, written to TIMINGS_FILE when the session ends
+    (whatever the outcome): per image, seconds from power-on to the exit node
+    online at its first boot, after `systemctl reboot` and after a hard reset;
+    the suite's wall time; the machine's load (1-minute load average sampled
+    every 15 s) and each test's outcome."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.started_at = datetime.datetime.now(datetime.UTC)
+        self.images: dict[str, dict[str, float]] = {}
+        self.outcomes: dict[str, str] = {}
+        self.load: list[float] = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(15):
+            self.load.append(os.getloadavg()[0])
+
+    def record(self, image: str, what: str, seconds: float) -> None:
+        self.images.setdefault(image, {})[what] = round(seconds, 1)
+        print(f"\nboot timing: {image} {what}: {seconds:.1f}")
+
+    def write(self, path: Path) -> None:
+        self._stop.set()
+        self.load.append(os.getloadavg()[0])
+        counts: dict[str, int] = {}
+        for outcome in self.outcomes.values():
+            counts[outcome] = counts.get(outcome, 0) + 1
+        data = {
+            "started": self.started_at.isoformat(timespec="seconds"),
+            "suite_wall_s": round(time.monotonic() - self.started, 1),
+            "host": {
+                "cpus": os.cpu_count(),
+                "load1_mean": round(sum(self.load) / len(self.load), 2),
+                "load1_max": round(max(self.load), 2),
+                "load1_samples": len(self.load),
+                "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            },
+            "images": self.images,
+            "outcomes": counts,
+            "tests": self.outcomes,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+
+
+_CURRENT: dict[str, BootTimings] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    timings = _CURRENT.get("timings")
+    if timings is None:
+        return
+    if report.when == "call":
+        outcome: str = report.outcome
+    elif report.failed:
+        outcome = "error"
+    elif report.skipped:
+        outcome = "skipped"
+    else:
+        return
+    if timings.outcomes.get(report.nodeid) in (None, "passed"):
+        timings.outcomes[report.nodeid] = outcome
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # After every test's teardown (the VMs' included): the file is written on
+    # every run that booted anything, passed or failed.
+    timings = _CURRENT.pop("timings", None)
+    if timings is not None:
+        timings.write(TIMINGS_FILE)
+
+
 @pytest.fixture(scope="session")
-def bin_dir(pytestconfig: pytest.Config) -> Path:
+def boot_timings(pytestconfig: pytest.Config) -> BootTimings:
+    if not _boot_selected(pytestconfig):
+        pytest.skip("the boot tests run with -m boot (make test-boot)")
+    if "timings" not in _CURRENT:
+        _CURRENT["timings"] = BootTimings()
+    return _CURRENT["timings"]
+
+
+@pytest.fixture(scope="session")
+def bin_dir(pytestconfig: pytest.Config, boot_timings: BootTimings) -> Path:
     # Minutes of image builds and VM boots: only when asked for (make test-boot).
-    if "boot" not in (pytestconfig.option.markexpr or "") or "not boot" in pytestconfig.option.markexpr:
+    if not _boot_selected(pytestconfig):
         pytest.skip("the boot tests run with -m boot (make test-boot)")
     missing = missing_prerequisites()
     if not Path("/dev/net/tun").exists():
@@ -325,6 +423,31 @@ class BootedVm:
 VmFactory = Callable[..., BootedVm]
 
 
+def hetzner_network_config(mac: str, index: int) -> str:
+    """The network configuration Hetzner's metadata service gives a server
+    with IPv4 and IPv6 (the program enables both): version 1, eth0 by its MAC,
+    DHCP for IPv4 and the server's /64 as a static address with fe80::1 as
+    gateway (here from the documentation prefix; nothing routes it). Without
+    one, cloud-init falls back to DHCP on the first NIC, and from 24.x (trixie's
+    25.1) for IPv6 as well: its ENI stanza `iface eth0 inet6 dhcp` needs a
+    DHCPv6 client that ifupdown finds only in isc-dhcp-client, so on Debian 13
+    (dhcpcd-base) `ifup -a` failed ("No DHCPv6 client software found!"),
+    networking.service failed and took eth0's lease down with its dhcpcd."""
+    return f"""version: 1
+config:
+  - type: physical
+    name: eth0
+    mac_address: "{mac}"
+    subnets:
+      - type: dhcp
+        ipv4: true
+      - type: static
+        ipv6: true
+        address: "2001:db8:{index}::1/64"
+        gateway: "fe80::1"
+"""
+
+
 @pytest.fixture(scope="module")
 def make_vm(net: BootNet, boot_image: Callable[[str], BootImage]) -> Iterator[VmFactory]:
     made: list[tuple[BootedVm, Proc]] = []
@@ -370,7 +493,14 @@ def make_vm(net: BootNet, boot_image: Callable[[str], BootImage]) -> Iterator[Vm
         workdir = topo.workdir / "vm" / name
         workdir.mkdir(parents=True)
         seed = workdir / "seed.iso"
-        make_seed(seed, user_data, instance_id=f"i-{name}-{secrets.token_hex(4)}", hostname=hostname)
+        mac = f"52:54:00:7e:00:{index:02x}"
+        make_seed(
+            seed,
+            user_data,
+            instance_id=f"i-{name}-{secrets.token_hex(4)}",
+            hostname=hostname,
+            network_config=hetzner_network_config(mac, index),
+        )
         spec = VmSpec(
             name=name,
             workdir=workdir,
@@ -379,7 +509,7 @@ def make_vm(net: BootNet, boot_image: Callable[[str], BootImage]) -> Iterator[Vm
             base_disk=image.disk,
             netns=topo.ns(ROUTER),
             tap=tap,
-            mac=f"52:54:00:7e:00:{index:02x}",
+            mac=mac,
             cmdline=cmdline,
         )
         booted = BootedVm(Vm(spec, seed), net, image, hostname, auth_key, user_data, index)

@@ -57,13 +57,16 @@ class VmSpec:
     memory_mib: int = 1024
 
 
-def make_seed(path: Path, user_data: str, instance_id: str, hostname: str) -> None:
-    """A NoCloud seed: an ISO 9660 image labelled `cidata` with user-data
-    and meta-data, as cloud-init's NoCloud datasource reads it."""
+def make_seed(path: Path, user_data: str, instance_id: str, hostname: str, network_config: str = "") -> None:
+    """A NoCloud seed: an ISO 9660 image labelled `cidata` with user-data,
+    meta-data and, if given, network-config, as cloud-init's NoCloud
+    datasource reads it."""
     d = path.parent / f"{path.stem}.d"
     d.mkdir(parents=True, exist_ok=True)
     (d / "user-data").write_text(user_data)
     (d / "meta-data").write_text(f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n")
+    if network_config:
+        (d / "network-config").write_text(network_config)
     subprocess.run(
         ["genisoimage", "-quiet", "-output", str(path), "-volid", "cidata", "-joliet", "-rock", str(d)],
         check=True,
