@@ -89,14 +89,18 @@ def relay_environment(s: RelaySettings) -> list[Manifest]:
         # pod needs no Kubernetes API access.
         "TS_KUBE_SECRET": "",
         "TS_HOSTNAME": s.hostname,
-        "TS_SOCKS5_SERVER": f":{SOCKS5_PORT}",
-        "TS_OUTBOUND_HTTP_PROXY_LISTEN": f":{HTTP_PROXY_PORT}",
+        # On the pod's address only, not on loopback: tailscaled (netstack) hands a
+        # connection to its own tailnet address to 127.0.0.1:<port>, so a proxy
+        # request for the relay's own tailnet address would reach its listeners.
+        "TS_SOCKS5_SERVER": f"[$(POD_IP)]:{SOCKS5_PORT}",
+        "TS_OUTBOUND_HTTP_PROXY_LISTEN": f"[$(POD_IP)]:{HTTP_PROXY_PORT}",
         "TS_EXTRA_ARGS": " ".join(up_args),
         "TS_ACCEPT_DNS": "false",
         # TS_AUTH_ONCE=true would skip `tailscale up`, and so --exit-node, on restarts.
         "TS_AUTH_ONCE": "false",
         "TS_ENABLE_HEALTH_CHECK": "true",
-        "TS_LOCAL_ADDR_PORT": f"[::]:{HEALTH_PORT}",
+        # As the Tailscale operator sets it (containerboot brackets an IPv6 POD_IP).
+        "TS_LOCAL_ADDR_PORT": f"$(POD_IP):{HEALTH_PORT}",
         "TS_SOCKET": SOCKET,
         "TS_BOOT_TIMEOUT": f"{BOOT_TIMEOUT_SECONDS}s",
         "TS_NO_LOGS_NO_SUPPORT": "true",
@@ -110,7 +114,9 @@ def relay_environment(s: RelaySettings) -> list[Manifest]:
         "name": "GOMEMLIMIT",
         "valueFrom": {"resourceFieldRef": {"containerName": RELAY_CONTAINER, "resource": "requests.memory"}},
     }
-    return [auth, memory_limit, *({"name": k, "value": v} for k, v in plain.items())]
+    # First: the kubelet expands $(POD_IP) only from variables defined before it.
+    pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    return [pod_ip, auth, memory_limit, *({"name": k, "value": v} for k, v in plain.items())]
 
 
 def relay_container(s: RelaySettings) -> Manifest:

@@ -138,11 +138,14 @@ def test_a_protected_pod_cannot_reach_the_nodes_services_at_the_bridges_link_loc
 
 def test_a_namespace_the_relay_refuses_cannot_use_it_at_its_link_local_address(review: Deployment) -> None:
     """`relay-ingress` admits only the protected namespaces, by their pods'
-    cluster addresses; the relay listens on `::` too."""
+    cluster addresses; the relay listens on its pod address alone (issue 19,
+    point 2), so its link-local address serves nothing, even to the node."""
     relay = pod_link_local(RELAY_NS, relay_pod(review), RELAY_CONTAINER)
     url = f"http://{INTERNET_IP}/ip"
-    via_node = node_probe(review, "http", url, "-proxy", f"http://[{relay}%25cni0]:{HTTP_PROXY_PORT}")
-    assert via_node["ok"] and via_node["body"].strip() == EXIT_PUBLIC_IP, f"the relay's proxy at [{relay}]: {via_node}"
+    via_node = node_probe(review, "http", url, "-proxy", f"http://{review.relay_pod_ip()}:{HTTP_PROXY_PORT}")
+    assert via_node["ok"] and via_node["body"].strip() == EXIT_PUBLIC_IP, f"the relay's proxy: {via_node}"
+    for port in (HTTP_PROXY_PORT, HEALTH_PORT):
+        assert not node_probe(review, "tcp", f"[{relay}%cni0]:{port}")["ok"], f"the relay listens at [{relay}]:{port}"
     r = review.control("http", url, "-proxy", shlex.quote(f"http://[{relay}%25eth0]:{HTTP_PROXY_PORT}"), timeout="8s")
     assert not r["ok"], f"{OPEN}/control, refused by relay-ingress, used the relay at [{relay}%eth0]: {r}"
     r = review.control("tcp", in_pod(relay, HEALTH_PORT))

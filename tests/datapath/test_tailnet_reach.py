@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from builders.relay import HEALTH_PORT, HTTP_PROXY_PORT, SOCKS5_PORT
 from builders.tailnet_policy import policy_problems
 
 from .stack_tailnet import EXIT_TAG, LAPTOP_LINK, RELAY_TAG, apply_guard, remove_guard, stack_policy_for_headscale
@@ -265,16 +266,25 @@ class TestStackPolicy:
             headscale.send_signal(signal.SIGHUP)
         net.internet_ok()
 
-    def test_the_relay_has_no_peer_but_the_exit_node_so_no_devices_peer_api_is_in_reach(
-        self, stack_tailnet: Tailnet
-    ) -> None:
-        """Issue 19, point 2: Tailscale opens a device's peer API to every peer of
-        its netmap whatever the policy says; under the stack's policy nothing may
-        reach the relay, so the laptop is not its peer."""
-        assert stack_tailnet.relay_peers() == ["exit"]
+    def test_no_devices_peer_api_is_in_reach(self, stack_tailnet: Tailnet) -> None:
+        """Issue 19, point 2: Tailscale opens a device's peer API to every peer
+        that has it in its netmap, whatever the policy says; under the stack's
+        policy nothing may reach the relay, so the laptop does not know the relay
+        and its peer API does not answer (contrast: the members test below)."""
         assert stack_tailnet.through(stack_tailnet.peer_api("laptop") + "/") == dict.fromkeys(
             (stack_tailnet.t.http_proxy(), stack_tailnet.t.socks_proxy())
         )
+
+    @pytest.mark.parametrize("port", [HEALTH_PORT, HTTP_PROXY_PORT, SOCKS5_PORT], ids=["health", "http", "socks5"])
+    def test_the_relays_own_ports_are_out_of_reach_at_its_tailnet_address(
+        self, stack_tailnet: Tailnet, port: int
+    ) -> None:
+        """Issue 19, point 2: netstack hands a connection to the relay's own
+        tailnet address to 127.0.0.1:<port> in the pod; the relay listens on its
+        pod address only, so nothing answers there."""
+        assert stack_tailnet.t.relay_live(), "the relay's health port does not answer at its pod address"
+        url = f"http://{stack_tailnet.relay_ip()}:{port}/healthz"
+        assert set(stack_tailnet.through(url).values()) == {None}, url
 
     def test_names_resolved_through_the_exit_node_still_resolve_behind_its_guard(self, stack_tailnet: Tailnet) -> None:
         """With an exit node, tailscaled's proxies resolve a name they do not

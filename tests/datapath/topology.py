@@ -237,6 +237,16 @@ def _find_relay(objs: list[dict[str, Any]]) -> dict[str, Any]:
     return deps[0]
 
 
+def _expand(value: str, env: Mapping[str, str]) -> str:
+    """`$(NAME)` replaced by a variable defined earlier in the list, `$$` by `$`,
+    as the kubelet expands a container's env values."""
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        value,
+    )
+
+
 def _port_of(addr: str) -> int:
     return int(addr.rsplit(":", 1)[1])
 
@@ -297,13 +307,15 @@ def relay_spec_from_manifests(objs: list[dict[str, Any]]) -> RelaySpec:
     for item in c.get("env") or []:
         name = item["name"]
         if "value" in item:
-            env[name] = str(item["value"])
+            env[name] = _expand(str(item["value"]), env)
         elif "valueFrom" in item:
             if name in AUTHKEY_ENV and "secretKeyRef" in item["valueFrom"]:
                 # The key in the environment: the harness puts it there itself.
                 authkey_env = name
             elif "resourceFieldRef" in item["valueFrom"]:
                 env[name] = str(_resource_field(c, item["valueFrom"]["resourceFieldRef"]))
+            elif item["valueFrom"].get("fieldRef", {}).get("fieldPath") == "status.podIP":
+                env[name] = RELAY_IP  # the downward API: the pod's own address
             else:
                 raise TopologyError(f"unsupported valueFrom for env {name}: {item['valueFrom']}")
         else:
