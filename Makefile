@@ -206,7 +206,7 @@ test-cluster: venv datapath-bins engine-bins ## the cluster's smoke tests and th
 # offline: Debian 12 and 13 images built from the Debian mirror, Headscale as
 # the control server, local repositories as Tailscale's and Debian's.
 .PHONY: test-boot boot-images
-test-boot: venv datapath-bins boot-images ## the exit node booted for real in QEMU: first boot, reboot, reset, upgrade, power-off (Linux, root; about 15 min)
+test-boot: venv datapath-bins boot-images ## the exit node booted for real in QEMU: first boot, reboot, reset, upgrade, power-off (Linux, root; 20-30 min under emulation)
 	bash scripts/install-test-tools.sh --boot
 	$(PY) -m pytest -m boot tests/boot -v
 
