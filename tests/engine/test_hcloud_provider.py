@@ -34,7 +34,7 @@ from builders.names import StackNames
 from components.exit_node import HetznerExitNode, HetznerExitNodeArgs
 from config import ExitNodeConfig
 from preflight import check_exit_node_offer
-from tests.support.apiserver import bin_dir, cache_dir
+from tests.support.apiserver import bin_dir
 from tests.support.engine import PASSPHRASE, Engine, export_state
 from tests.support.hetzner_api import HetznerAPI, RecordingHooks
 
@@ -137,14 +137,7 @@ def new_stack(engine: Engine, api: HetznerAPI, name: str, token: str = TOKEN, **
         stack_name=name,
         project_name=PROJECT,
         program=preflighted_program if settings.pop("preflight", "") else exit_node_program,
-        opts=auto.LocalWorkspaceOptions(
-            work_dir=str(engine.workdir),
-            pulumi_home=str(engine.home),
-            pulumi_command=auto.PulumiCommand(root=str(cache_dir()), skip_version_check=True),
-            env_vars=engine.env,
-            project_settings=auto.ProjectSettings(name=PROJECT, runtime="python"),
-            secrets_provider="passphrase",
-        ),
+        opts=engine.workspace_options(PROJECT),
     )
     stack.set_config("hcloud:endpoint", auto.ConfigValue(api.endpoint))
     stack.set_config("hcloud:token", auto.ConfigValue(token, secret=True))

@@ -109,20 +109,22 @@ class Engine:
             timeout=600,
         )
 
-    def _options(self) -> auto.LocalWorkspaceOptions:
+    def workspace_options(self, project: str = PROJECT) -> auto.LocalWorkspaceOptions:
+        """The Automation API's workspace on this engine's home, backend and
+        project directory, for the project named `project`."""
         return auto.LocalWorkspaceOptions(
             work_dir=str(self.workdir),
             pulumi_home=str(self.home),
             pulumi_command=auto.PulumiCommand(root=str(cache_dir()), skip_version_check=True),
             env_vars=self.env,
-            project_settings=auto.ProjectSettings(name=PROJECT, runtime="python"),
+            project_settings=auto.ProjectSettings(name=project, runtime="python"),
             secrets_provider="passphrase",
         )
 
     def stack(self, name: str, config: Mapping[str, Any], secret_keys: tuple[str, ...] = ()) -> auto.Stack:
         """The stack `name` with exactly `config` ({"<ns>:<key>": value}) in its stack file."""
         stack = auto.create_or_select_stack(
-            stack_name=name, project_name=PROJECT, program=run_project_program, opts=self._options()
+            stack_name=name, project_name=PROJECT, program=run_project_program, opts=self.workspace_options()
         )
         self.write_config(name, config, secret_keys)
         return stack
@@ -130,7 +132,7 @@ class Engine:
     def select(self, name: str) -> auto.Stack:
         """The existing stack `name`, with the config it was deployed with."""
         return auto.select_stack(
-            stack_name=name, project_name=PROJECT, program=run_project_program, opts=self._options()
+            stack_name=name, project_name=PROJECT, program=run_project_program, opts=self.workspace_options()
         )
 
     def stack_file(self, name: str) -> Path:
