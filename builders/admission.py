@@ -4,7 +4,7 @@ the stack alone.
 
 NetworkPolicies add up, so one extra policy with an open egress rule (many
 Helm charts ship `egress: [{}]`) would restore full egress; and anyone with
-edit rights in a namespace could delete the stack's policy. Six policies,
+edit rights in a namespace could delete the stack's policy. Seven policies,
 each with its own binding, all named after the stack (many developer stacks
 share a cluster):
 
@@ -14,7 +14,10 @@ share a cluster):
   installed with the deployer's own credentials is exactly the case); only the
   stack's own policy, written by the deployer, is let through unchecked, so
   that a change of relay namespace or ports is never caught between the old
-  guard and the new policy.
+  guard and the new policy. Its ingress rules may admit only pods of the
+  namespace itself and of cluster.ingressFrom.
+- `<prefix>-services`: in a protected namespace, no Service with
+  `externalIPs` and none of type NodePort or LoadBalancer, for everyone.
 - `<prefix>-stack-objects` and `<prefix>-stack-data`: the stack's
   NetworkPolicy and ConfigMap in each protected namespace, and in the relay
   namespace every NetworkPolicy plus the relay's Secret, Deployment and
