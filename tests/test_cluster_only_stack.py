@@ -108,9 +108,15 @@ def test_a_given_key_with_a_managed_policy_is_refused() -> None:
 # exit node guard to install yourself (issue 19, point 5).
 
 
-def warnings_of(config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def captured_warnings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The list every `pulumi.log.warn` of the program is appended to from now on."""
     printed: list[str] = []
     monkeypatch.setattr(pulumi.log, "warn", lambda message, *args, **kwargs: printed.append(str(message)))
+    return printed
+
+
+def warnings_of(config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    printed = captured_warnings(monkeypatch)
     result, _ = cluster_only(config)
     assert result.error is None, result.error
     return printed
@@ -135,8 +141,7 @@ def test_a_self_hosted_control_server_is_named_unchecked(monkeypatch: pytest.Mon
 
 
 def test_the_default_stack_has_nothing_unchecked(monkeypatch: pytest.MonkeyPatch) -> None:
-    printed: list[str] = []
-    monkeypatch.setattr(pulumi.log, "warn", lambda message, *args, **kwargs: printed.append(str(message)))
+    printed = captured_warnings(monkeypatch)
     assert evaluate(dev_config(), "dev").error is None
     assert not [w for w in printed if "cannot" in w], printed
 
