@@ -30,14 +30,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Protocol
-from urllib.parse import parse_qs, urlsplit
+
+from tests.support.loopback_api import LoopbackAPI, Reply, Request
 
 Scope = Literal["read", "read_write"]
 Json = dict[str, Any]
@@ -140,24 +138,6 @@ class RecordingHooks:
         self.events.append(("deleted", server["name"]))
 
 
-@dataclass(frozen=True)
-class Call:
-    method: str
-    path: str  # without the /v1 prefix and without the query
-    query: dict[str, list[str]]
-    body: Json | None
-    status: int
-
-
-@dataclass
-class _Failure:
-    method: str
-    path: re.Pattern[str]
-    status: int
-    code: str
-    times: int
-
-
 class ApiError(Exception):
     """An error answer, as Hetzner writes it."""
 
@@ -223,8 +203,10 @@ def _pagination(count: int) -> Json:
     }  # fmt: skip
 
 
-class HetznerAPI:
+class HetznerAPI(LoopbackAPI):
     """One emulated Hetzner project, served on 127.0.0.1 while `running()`."""
+
+    prefix = API_PREFIX
 
     def __init__(
         self,
@@ -232,67 +214,20 @@ class HetznerAPI:
         catalogue: Catalogue = CATALOGUE,
         hooks: ServerHooks | None = None,
     ) -> None:
+        super().__init__()
         self.tokens = dict(tokens)
         self.catalogue = catalogue
         self.hooks: ServerHooks = hooks if hooks is not None else RecordingHooks()
         self.firewalls: dict[int, Json] = {}
         self.servers: dict[int, Json] = {}
         self.actions: dict[int, Json] = {}
-        self.calls: list[Call] = []
         self._user_data: dict[int, str] = {}
-        self._failures: list[_Failure] = []
         self._next_id = 1000
-        self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
-
-    # ---- running -------------------------------------------------------
-
-    @contextmanager
-    def running(self) -> Iterator[HetznerAPI]:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                api._serve(self)
-
-            def do_POST(self) -> None:
-                api._serve(self)
-
-            def do_PUT(self) -> None:
-                api._serve(self)
-
-            def do_DELETE(self) -> None:
-                api._serve(self)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # the tests read `calls`
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self._server.shutdown()
-            self._server.server_close()
-            thread.join()
-            self._server = None
 
     @property
     def endpoint(self) -> str:
         """The value for `hcloud:endpoint`."""
-        if self._server is None:
-            raise RuntimeError("the emulated Hetzner API is not running")
-        return f"http://127.0.0.1:{self._server.server_address[1]}{API_PREFIX}"
-
-    def fail(self, method: str, path: str, status: int = 503, times: int = 1) -> None:
-        """The next `times` calls of `method` on a path matching the regular
-        expression `path` (without /v1) answer `status` with Hetzner's body."""
-        code = {500: "server_error", 502: "bad_gateway", 503: "unavailable", 504: "timeout"}.get(
-            status, "unknown_error"
-        )
-        with self._lock:
-            self._failures.append(_Failure(method, re.compile(path), status, code, times))
+        return self.origin + API_PREFIX
 
     def user_data(self, server_name: str) -> str:
         """The user_data a live server was created with."""
@@ -302,46 +237,29 @@ class HetznerAPI:
                     return self._user_data[server_id]
         raise KeyError(server_name)
 
-    def calls_to(self, method: str, pattern: str) -> list[Call]:
-        with self._lock:
-            return [c for c in self.calls if c.method == method and re.fullmatch(pattern, c.path)]
-
     # ---- HTTP ----------------------------------------------------------
 
-    def _serve(self, handler: BaseHTTPRequestHandler) -> None:
-        url = urlsplit(handler.path)
-        path = url.path.removeprefix(API_PREFIX) if url.path.startswith(API_PREFIX + "/") else url.path
-        query = parse_qs(url.query)
-        method = handler.command
-        body: Json | None = None
-        status: int = 200
-        answer: Json = {}
+    def handle(self, request: Request) -> Reply:
         try:
-            length = int(handler.headers.get("Content-Length") or 0)
-            raw = handler.rfile.read(length) if length else b""
-            if raw:
+            body: Json = {}
+            if request.raw:
                 try:
-                    parsed = json.loads(raw)
+                    parsed = json.loads(request.raw)
                 except json.JSONDecodeError as exc:
                     raise ApiError(400, "json_error", f"invalid JSON: {exc}") from exc
                 if not isinstance(parsed, dict):
                     raise ApiError(400, "json_error", "the body must be a JSON object")
                 body = parsed
-            with self._lock:
-                self._authorize(handler.headers.get("Authorization", ""), method)
-                self._injected_failure(method, path)
-                status, answer = self._route(method, path, query, body or {})
+            self._authorize(request.header("Authorization"), request.method)
+            status, answer = self._route(request.method, request.path, request.query, body)
         except ApiError as error:
             status, answer = error.status, error.body()
-        with self._lock:
-            self.calls.append(Call(method, path, query, body, status))
-        # 204 answers have no body (a firewall's DELETE).
-        data = b"" if status == 204 else json.dumps(answer).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
+        return Reply.json(status, answer)
+
+    def failure(self, status: int, request: Request) -> Reply:
+        codes = {500: "server_error", 502: "bad_gateway", 503: "unavailable", 504: "timeout"}
+        code = codes.get(status, "unknown_error")
+        return Reply.json(status, ApiError(status, code, f"injected failure of {request.method} {request.path}").body())
 
     def _authorize(self, header: str, method: str) -> None:
         scheme, _, token = header.partition(" ")
@@ -350,12 +268,6 @@ class HetznerAPI:
             raise ApiError(401, "unauthorized", "unable to authenticate")
         if scope == "read" and method != "GET":
             raise ApiError(403, "token_readonly", "The token is only allowed to perform GET requests")
-
-    def _injected_failure(self, method: str, path: str) -> None:
-        for failure in self._failures:
-            if failure.times > 0 and failure.method == method and failure.path.fullmatch(path):
-                failure.times -= 1
-                raise ApiError(failure.status, failure.code, f"injected failure of {method} {path}")
 
     def _route(self, method: str, path: str, query: dict[str, list[str]], body: Json) -> tuple[int, Json]:
         parts = path.strip("/").split("/")
