@@ -180,7 +180,7 @@ cluster-api-down: venv ## stop what cluster-api started and wipe its data
 
 # The real engine against the real API server: pulumi preview/up/destroy of
 # the cluster-only stack, Pod Security and the admission guard for real.
-test-engine: venv engine-bins ## the real Pulumi engine against a real API server (Linux)
+test-engine: venv engine-bins datapath-bins ## the real Pulumi engine against a real API server, Headscale behind the emulated Tailscale API (Linux)
 	bash scripts/install-test-tools.sh --engine
 	$(PY) -m pytest -m engine tests/engine -v
 

@@ -15,6 +15,8 @@ import pytest
 
 from tests.support import apiserver
 from tests.support.engine import Engine, missing_engine_binaries
+from tests.support.headscale import Headscale
+from tests.support.tailscale_api import TailscaleAPI
 
 STATE = Path(__file__).resolve().parents[2] / "build" / "engine"
 
@@ -44,3 +46,20 @@ def engine(cluster: apiserver.Cluster) -> Iterator[Engine]:
     shutil.rmtree(state / "backend", ignore_errors=True)
     shutil.rmtree(state / "project", ignore_errors=True)
     yield Engine(state).setup()
+
+
+# The control server behind the emulated Tailscale API, and the node that joins it (`make datapath-bins`).
+TAILNET_BINARIES = ("headscale", "tailscaled", "tailscale")
+
+
+@pytest.fixture
+def tailnet(tmp_path: Path) -> Iterator[TailscaleAPI]:
+    """A fresh tailnet: a real Headscale of its own, behind the emulated Tailscale API."""
+    missing = [name for name in TAILNET_BINARIES if not (apiserver.bin_dir() / name).exists()]
+    if missing:
+        message = f"not built: {', '.join(missing)}; run `make datapath-bins`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    with Headscale(tmp_path / "headscale").running() as headscale, TailscaleAPI(headscale).running() as api:
+        yield api

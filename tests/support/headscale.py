@@ -1,0 +1,223 @@
+"""A real Headscale on loopback, and its command line (issue 18).
+
+The engine suite's control server: the emulated Tailscale API
+(`tests/support/tailscale_api.py`) keeps its keys, devices, routes and policy
+here, and a tailscaled on this machine can join it at `server_url`. The data
+path and the cluster run their own Headscale inside their network topology
+(`tests/datapath/topology.py`); this one needs no network namespace.
+
+The policy lives in Headscale's database (`policy.mode: database`), so that
+`headscale policy set` is the one way to change it, as the Tailscale API's
+POST /acl is for a tailnet.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.apiserver import bin_dir
+
+BASE_DOMAIN = "tailnet.test"
+
+
+class HeadscaleError(Exception):
+    """A headscale command failed; the message is Headscale's own."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def headscale_config(state: Path, listen_port: int) -> dict[str, Any]:
+    """Headscale on 127.0.0.1 without TLS, its DERP map a loopback region that
+    nothing serves: joining and the API need no relay."""
+    (state / "derp.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "regions": {
+                    900: {
+                        "regionid": 900,
+                        "regioncode": "lo",
+                        "regionname": "loopback (unused)",
+                        "nodes": [
+                            {"name": "900a", "regionid": 900, "hostname": "127.0.0.1", "stunport": -1, "derpport": 1}
+                        ],
+                    }
+                }
+            }
+        )
+    )
+    return {
+        "server_url": f"http://127.0.0.1:{listen_port}",
+        "listen_addr": f"127.0.0.1:{listen_port}",
+        "metrics_listen_addr": f"127.0.0.1:{free_port()}",
+        "grpc_listen_addr": f"127.0.0.1:{free_port()}",
+        "noise": {"private_key_path": str(state / "noise_private.key")},
+        "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48", "allocation": "sequential"},
+        "derp": {"server": {"enabled": False}, "urls": [], "paths": [str(state / "derp.yaml")]},
+        "disable_check_updates": True,
+        "database": {"type": "sqlite", "sqlite": {"path": str(state / "db.sqlite"), "write_ahead_log": True}},
+        "policy": {"mode": "database"},
+        "dns": {"magic_dns": True, "base_domain": BASE_DOMAIN, "override_local_dns": False},
+        "unix_socket": str(state / "headscale.sock"),
+        "unix_socket_permission": "0770",
+        "logtail": {"enabled": False},
+    }
+
+
+@dataclass
+class Headscale:
+    """One Headscale process and its state directory."""
+
+    state: Path
+    binary: Path = field(default_factory=lambda: bin_dir() / "headscale")
+    port: int = field(default_factory=free_port)
+    _process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.state / "config.yaml"
+
+    @property
+    def server_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.state / "headscale.log"
+
+    @contextmanager
+    def running(self) -> Iterator[Headscale]:
+        if not self.binary.exists():
+            raise RuntimeError(f"headscale not built ({self.binary}): build it with `make datapath-bins`")
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(headscale_config(self.state, self.port)))
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen(
+                [str(self.binary), "-c", str(self.config_path), "serve"], stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            self._wait_until_serving()
+            yield self
+        finally:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+    def _wait_until_serving(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"headscale exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                self.cli("users", "list")
+                return
+            except HeadscaleError:
+                time.sleep(0.2)
+        raise RuntimeError(f"headscale did not answer within 30 s:\n{self.log.read_text()[-3000:]}")
+
+    def cli(self, *args: str) -> Any:
+        """Run `headscale <args> -o json`: its JSON answer (None when empty),
+        or HeadscaleError with Headscale's message."""
+        out = self.text(*args, "-o", "json")
+        try:
+            answer = json.loads(out) if out else None
+        except json.JSONDecodeError:
+            return out
+        return answer
+
+    def text(self, *args: str) -> str:
+        """Run `headscale <args>`: what it printed, or HeadscaleError with
+        Headscale's message."""
+        done = subprocess.run(
+            [str(self.binary), "-c", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        out = done.stdout.strip()
+        if done.returncode != 0:
+            try:
+                message = json.loads(out).get("error", out)
+            except (json.JSONDecodeError, AttributeError):
+                message = out
+            raise HeadscaleError(str(message or done.stderr.strip() or f"exit {done.returncode}"))
+        return out
+
+    def user_id(self, name: str) -> int:
+        """The id of user `name`, created when missing."""
+        for user in self.cli("users", "list") or []:
+            if user.get("name") == name:
+                return int(user["id"])
+        created = self.cli("users", "create", name)
+        return int(created["id"])
+
+
+@contextmanager
+def joined_node(headscale: Headscale, state: Path, auth_key: str, hostname: str, *up_args: str) -> Iterator[Path]:
+    """A real tailscaled (userspace networking, no root needed) joined to
+    `headscale` with `auth_key` as `hostname`; yields its socket. Raises
+    HeadscaleError with tailscale's message when the join is refused."""
+    state.mkdir(parents=True, exist_ok=True)
+    socket_path = state / "tailscaled.sock"
+    with (state / "tailscaled.log").open("ab") as log:
+        daemon = subprocess.Popen(
+            [
+                str(bin_dir() / "tailscaled"),
+                "--tun=userspace-networking",
+                f"--statedir={state}",
+                f"--socket={socket_path}",
+                "--port=0",
+                "--no-logs-no-support",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not socket_path.exists() and time.monotonic() < deadline and daemon.poll() is None:
+            time.sleep(0.1)
+        up = subprocess.run(
+            [
+                str(bin_dir() / "tailscale"),
+                f"--socket={socket_path}",
+                "up",
+                f"--login-server={headscale.server_url}",
+                f"--auth-key={auth_key}",
+                f"--hostname={hostname}",
+                "--timeout=30s",
+                *up_args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if up.returncode != 0:
+            raise HeadscaleError(f"tailscale up as {hostname}: {(up.stderr or up.stdout).strip()}")
+        yield socket_path
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
