@@ -53,13 +53,20 @@ TAILNET_BINARIES = ("headscale", "tailscaled", "tailscale")
 
 
 @pytest.fixture
-def tailnet(tmp_path: Path) -> Iterator[TailscaleAPI]:
-    """A fresh tailnet: a real Headscale of its own, behind the emulated Tailscale API."""
+def headscale(tmp_path: Path) -> Iterator[Headscale]:
+    """A real Headscale of the test's own, on loopback."""
     missing = [name for name in TAILNET_BINARIES if not (apiserver.bin_dir() / name).exists()]
     if missing:
         message = f"not built: {', '.join(missing)}; run `make datapath-bins`"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    with Headscale(tmp_path / "headscale").running() as headscale, TailscaleAPI(headscale).running() as api:
+    with Headscale(tmp_path / "headscale").running() as running:
+        yield running
+
+
+@pytest.fixture
+def tailnet(headscale: Headscale) -> Iterator[TailscaleAPI]:
+    """A fresh tailnet: the test's Headscale behind the emulated Tailscale API."""
+    with TailscaleAPI(headscale).running() as api:
         yield api

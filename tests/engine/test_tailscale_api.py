@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.headscale import HeadscaleError, joined_node
+from tests.support.headscale import Headscale, HeadscaleError, joined_node
 from tests.support.tailscale_api import DEFAULT_ETAG, TailscaleAPI, standardize_hujson
 
 pytestmark = pytest.mark.engine
@@ -84,11 +84,11 @@ def test_a_key_needs_its_tags_owned_in_the_policy(tailnet: TailscaleAPI) -> None
 
 
 def test_a_minted_key_joins_a_real_node_tagged_and_is_spent_after_one_use(
-    owned_tags: TailscaleAPI, tmp_path: Path
+    owned_tags: TailscaleAPI, headscale: Headscale, tmp_path: Path
 ) -> None:
     key = mint(owned_tags, ["tag:exit"], reusable=False)
     assert key["key"] and not key["invalid"]
-    with joined_node(owned_tags.headscale, tmp_path / "exit", key["key"], "exit-node"):
+    with joined_node(headscale.server_url, tmp_path / "exit", key["key"], "exit-node"):
         _, _, devices = call(owned_tags, "GET", "/tailnet/-/devices")
         (device,) = devices["devices"]
         assert (device["hostname"], device["tags"]) == ("exit-node", ["tag:exit"])
@@ -97,20 +97,24 @@ def test_a_minted_key_joins_a_real_node_tagged_and_is_spent_after_one_use(
         assert call(owned_tags, "GET", f"/tailnet/-/keys/{key['id']}")[2]["invalid"] is True
 
 
-def test_a_revoked_key_is_invalid_and_headscale_refuses_it(owned_tags: TailscaleAPI, tmp_path: Path) -> None:
+def test_a_revoked_key_is_invalid_and_headscale_refuses_it(
+    owned_tags: TailscaleAPI, headscale: Headscale, tmp_path: Path
+) -> None:
     key = mint(owned_tags, ["tag:relay"], reusable=True)
     status, _, _ = call(owned_tags, "DELETE", f"/tailnet/-/keys/{key['id']}")
     assert status == 200
     _, _, after = call(owned_tags, "GET", f"/tailnet/-/keys/{key['id']}")
     assert after["invalid"] is True and after["revoked"]
     assert "key" not in after  # the secret is shown once, at creation
-    with pytest.raises(HeadscaleError), joined_node(owned_tags.headscale, tmp_path / "relay", key["key"], "relay"):
+    with pytest.raises(HeadscaleError), joined_node(headscale.server_url, tmp_path / "relay", key["key"], "relay"):
         pass
 
 
-def test_enabling_exit_routes_approves_them_in_headscale(owned_tags: TailscaleAPI, tmp_path: Path) -> None:
+def test_enabling_exit_routes_approves_them_in_headscale(
+    owned_tags: TailscaleAPI, headscale: Headscale, tmp_path: Path
+) -> None:
     key = mint(owned_tags, ["tag:exit"])
-    with joined_node(owned_tags.headscale, tmp_path / "exit", key["key"], "exit-node", "--advertise-exit-node"):
+    with joined_node(headscale.server_url, tmp_path / "exit", key["key"], "exit-node", "--advertise-exit-node"):
         (device,) = call(owned_tags, "GET", "/tailnet/-/devices")[2]["devices"]
         assert call(owned_tags, "GET", f"/device/{device['nodeId']}/routes")[2]["enabledRoutes"] == []
         exit_routes = {"routes": ["0.0.0.0/0", "::/0"]}

@@ -19,7 +19,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,17 +79,59 @@ def headscale_config(state: Path, listen_port: int) -> dict[str, Any]:
 
 
 @dataclass
-class Headscale:
-    """One Headscale process and its state directory."""
+class HeadscaleCLI:
+    """Headscale's command line against a running server (its unix socket,
+    named in the config): this module's own Headscale or a topology's."""
 
-    state: Path
-    binary: Path = field(default_factory=lambda: bin_dir() / "headscale")
-    port: int = field(default_factory=free_port)
-    _process: subprocess.Popen[bytes] | None = None
+    binary: Path
+    config_path: Path
 
-    @property
-    def config_path(self) -> Path:
-        return self.state / "config.yaml"
+    def cli(self, *args: str) -> Any:
+        """Run `headscale <args> -o json`: its JSON answer (None when empty),
+        or HeadscaleError with Headscale's message."""
+        out = self.text(*args, "-o", "json")
+        try:
+            answer = json.loads(out) if out else None
+        except json.JSONDecodeError:
+            return out
+        return answer
+
+    def text(self, *args: str) -> str:
+        """Run `headscale <args>`: what it printed, or HeadscaleError with
+        Headscale's message."""
+        done = subprocess.run(
+            [str(self.binary), "-c", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        out = done.stdout.strip()
+        if done.returncode != 0:
+            try:
+                message = json.loads(out).get("error", out)
+            except (json.JSONDecodeError, AttributeError):
+                message = out
+            raise HeadscaleError(str(message or done.stderr.strip() or f"exit {done.returncode}"))
+        return out
+
+    def user_id(self, name: str) -> int:
+        """The id of user `name`, created when missing."""
+        for user in self.cli("users", "list") or []:
+            if user.get("name") == name:
+                return int(user["id"])
+        created = self.cli("users", "create", name)
+        return int(created["id"])
+
+
+class Headscale(HeadscaleCLI):
+    """One Headscale process on loopback and its state directory."""
+
+    def __init__(self, state: Path, binary: Path | None = None) -> None:
+        super().__init__(binary or bin_dir() / "headscale", state / "config.yaml")
+        self.state = state
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def server_url(self) -> str:
@@ -133,48 +175,11 @@ class Headscale:
                 time.sleep(0.2)
         raise RuntimeError(f"headscale did not answer within 30 s:\n{self.log.read_text()[-3000:]}")
 
-    def cli(self, *args: str) -> Any:
-        """Run `headscale <args> -o json`: its JSON answer (None when empty),
-        or HeadscaleError with Headscale's message."""
-        out = self.text(*args, "-o", "json")
-        try:
-            answer = json.loads(out) if out else None
-        except json.JSONDecodeError:
-            return out
-        return answer
-
-    def text(self, *args: str) -> str:
-        """Run `headscale <args>`: what it printed, or HeadscaleError with
-        Headscale's message."""
-        done = subprocess.run(
-            [str(self.binary), "-c", str(self.config_path), *args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        out = done.stdout.strip()
-        if done.returncode != 0:
-            try:
-                message = json.loads(out).get("error", out)
-            except (json.JSONDecodeError, AttributeError):
-                message = out
-            raise HeadscaleError(str(message or done.stderr.strip() or f"exit {done.returncode}"))
-        return out
-
-    def user_id(self, name: str) -> int:
-        """The id of user `name`, created when missing."""
-        for user in self.cli("users", "list") or []:
-            if user.get("name") == name:
-                return int(user["id"])
-        created = self.cli("users", "create", name)
-        return int(created["id"])
-
 
 @contextmanager
-def joined_node(headscale: Headscale, state: Path, auth_key: str, hostname: str, *up_args: str) -> Iterator[Path]:
+def joined_node(login_server: str, state: Path, auth_key: str, hostname: str, *up_args: str) -> Iterator[Path]:
     """A real tailscaled (userspace networking, no root needed) joined to
-    `headscale` with `auth_key` as `hostname`; yields its socket. Raises
+    the control server at `login_server` with `auth_key` as `hostname`; yields its socket. Raises
     HeadscaleError with tailscale's message when the join is refused."""
     state.mkdir(parents=True, exist_ok=True)
     socket_path = state / "tailscaled.sock"
@@ -200,7 +205,7 @@ def joined_node(headscale: Headscale, state: Path, auth_key: str, hostname: str,
                 str(bin_dir() / "tailscale"),
                 f"--socket={socket_path}",
                 "up",
-                f"--login-server={headscale.server_url}",
+                f"--login-server={login_server}",
                 f"--auth-key={auth_key}",
                 f"--hostname={hostname}",
                 "--timeout=30s",

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from tests.support.headscale import BASE_DOMAIN, Headscale, HeadscaleError
+from tests.support.headscale import BASE_DOMAIN, HeadscaleCLI, HeadscaleError
 from tests.support.loopback_api import LoopbackAPI, Reply, Request
 
 Json = dict[str, Any]
@@ -122,7 +122,7 @@ class TailscaleAPI(LoopbackAPI):
 
     def __init__(
         self,
-        headscale: Headscale,
+        headscale: HeadscaleCLI,
         tailnet: str = "example.com",
         api_keys: tuple[str, ...] = (),
         oauth_clients: Mapping[str, str] | None = None,
