@@ -221,7 +221,7 @@ datapath-bins: ## build tailscaled, tailscale, containerboot, headscale into the
 # The real engine's programs (the Pulumi CLI, the Kubernetes provider plugin,
 # kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok) built the
 # same way into the same cache (about 20 minutes the first time, then reused).
-engine-bins: ## build the Pulumi CLI, the Kubernetes and hcloud provider plugins, the control plane and kwok into the cache
+engine-bins: ## build the Pulumi CLI, the Kubernetes and hcloud provider plugins, the test-only Tailscale provider stand-in, the control plane and kwok into the cache
 	bash scripts/build-engine-bins.sh
 
 # kube-router, CoreDNS, the probe, pause and the node's images for the cluster below.

@@ -9,9 +9,11 @@
 #   etcd                        (go.etcd.io/etcd/server/v3 etcdmain)
 #   kwok                        (fake nodes: makes scheduled pods Running/Ready)
 #   pulumi-resource-hcloud      the hcloud provider plugin (scripts/build-hcloud-provider.sh)
+#   pulumi-resource-tailscale   the test-only Tailscale provider stand-in
+#                               (scripts/build-tailscale-provider.sh)
 #
 # Usage: build-engine-bins.sh [component...]   components: pulumi provider
-#        hcloud kubernetes (with etcd) kwok; default: all. KUBE_EXTRA="<cmd> ..." adds
+#        hcloud tailscale kubernetes (with etcd) kwok; default: all. KUBE_EXTRA="<cmd> ..." adds
 #        more k8s.io/kubernetes/cmd/<cmd> to the one kubernetes build.
 #
 # Idempotent: a binary already built for the pinned version is kept.
@@ -290,7 +292,7 @@ build_kwok() {
 
 main() {
     local components=("$@")
-    [[ ${#components[@]} -gt 0 ]] || components=(pulumi provider hcloud kubernetes kwok)
+    [[ ${#components[@]} -gt 0 ]] || components=(pulumi provider hcloud tailscale kubernetes kwok)
     mkdir -p "$BIN" "$SRC"
     local c start
     for c in "${components[@]}"; do
@@ -301,7 +303,8 @@ main() {
             kubernetes | etcd) build_kubernetes ;;
             kwok) build_kwok ;;
             hcloud) bash "$SCRIPTS/build-hcloud-provider.sh" ;;
-            *) die "unknown component '$c' (known: pulumi provider hcloud kubernetes etcd kwok)" ;;
+            tailscale) bash "$SCRIPTS/build-tailscale-provider.sh" ;;
+            *) die "unknown component '$c' (known: pulumi provider hcloud tailscale kubernetes etcd kwok)" ;;
         esac
         took "$c" "$start"
         cd "$CACHE"
@@ -315,7 +318,7 @@ ETCD_VERSION=$ETCD_VERSION
 KWOK_VERSION=$KWOK_VERSION
 VERSIONS
     echo "binaries:"
-    for b in pulumi pulumi-analyzer-policy-python pulumi-resource-kubernetes pulumi-resource-hcloud "${KUBE_CMDS[@]}" etcd kwok; do
+    for b in pulumi pulumi-analyzer-policy-python pulumi-resource-kubernetes pulumi-resource-hcloud pulumi-resource-tailscale "${KUBE_CMDS[@]}" etcd kwok; do
         [[ -e "$BIN/$b" ]] && echo "  $BIN/$b"
     done
     return 0
