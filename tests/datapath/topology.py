@@ -466,6 +466,9 @@ class Topology:
         self.exit_authkey = ""
         # A Headscale policy file (HuJSON) for start_control; None: no policy (allow-all).
         self.hs_policy_path: Path | None = None
+        # The policy in Headscale's database instead (no file): `headscale policy set`
+        # writes it, as the emulated Tailscale API does (tests/support/tailscale_api.py).
+        self.hs_policy_in_database = False
 
     # ---------------------------------------------------------------- basics
     def ns(self, role: str) -> str:
@@ -717,7 +720,9 @@ class Topology:
             "tls_cert_path": str(self.workdir / "control.crt"),
             "tls_key_path": str(self.workdir / "control.key"),
             "log": {"level": "info", "format": "text"},
-            "policy": {"mode": "file", "path": str(self.hs_policy_path or "")},
+            "policy": {"mode": "database"}
+            if self.hs_policy_in_database
+            else {"mode": "file", "path": str(self.hs_policy_path or "")},
             "dns": {
                 "magic_dns": True,
                 "base_domain": "tailnet.test",

@@ -138,11 +138,30 @@ def test_the_policy_file_is_headscales_with_etags(tailnet: TailscaleAPI) -> None
     assert json.loads(standardize_hujson(tailnet.headscale.text("policy", "get"))) == json.loads(OWNED)
 
 
-def test_headscale_refuses_a_policy_whose_tests_fail_and_keeps_the_old_one(owned_tags: TailscaleAPI) -> None:
+def test_headscale_refuses_a_policy_whose_tests_fail_and_keeps_the_old_one(
+    owned_tags: TailscaleAPI, headscale: Headscale, tmp_path: Path
+) -> None:
     failing = json.loads(OWNED) | {"tests": [{"src": "tag:exit", "deny": ["tag:relay:22"]}]}
-    status, _, answer = call(owned_tags, "POST", "/tailnet/-/acl", failing)
-    assert status == 400 and "test" in answer["message"]
+    with joined_node(headscale.server_url, tmp_path / "exit", mint(owned_tags, ["tag:exit"])["key"], "exit-node"):
+        status, _, answer = call(owned_tags, "POST", "/tailnet/-/acl", failing)
+    assert status == 400 and "test(s) failed" in answer["message"] and "tag:relay:22" in answer["message"]
     assert call(owned_tags, "GET", "/tailnet/-/acl")[2] == json.loads(OWNED)
+
+
+def test_tests_of_a_tag_without_devices_are_kept_as_written_and_run_once_it_has_one(
+    owned_tags: TailscaleAPI, headscale: Headscale, tmp_path: Path
+) -> None:
+    """Headscale refuses a test whose tag has no device yet (a fresh tailnet
+    has no relay); the policy is kept as written, Headscale holds it without
+    that test, and a later write runs it against the device that joined."""
+    denied = json.loads(OWNED) | {"tests": [{"src": "tag:relay", "deny": ["tag:exit:22"]}]}
+    assert call(owned_tags, "POST", "/tailnet/-/acl", denied)[0] == 200
+    assert call(owned_tags, "GET", "/tailnet/-/acl")[2] == denied
+    assert not json.loads(standardize_hujson(headscale.text("policy", "get"))).get("tests")
+    assert owned_tags.untested_sources == ["tag:relay"]
+    with joined_node(headscale.server_url, tmp_path / "relay", mint(owned_tags, ["tag:relay"])["key"], "relay"):
+        status, _, answer = call(owned_tags, "POST", "/tailnet/-/acl", denied)
+    assert status == 400 and "tag:exit:22" in answer["message"]
 
 
 def test_oauth_client_credentials_give_a_bearer_token(tailnet: TailscaleAPI) -> None:

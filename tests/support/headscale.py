@@ -108,11 +108,12 @@ class HeadscaleCLI:
         )
         out = done.stdout.strip()
         if done.returncode != 0:
+            said = out or done.stderr.strip()
             try:
-                message = json.loads(out).get("error", out)
+                message = json.loads(said).get("error", said)
             except (json.JSONDecodeError, AttributeError):
-                message = out
-            raise HeadscaleError(str(message or done.stderr.strip() or f"exit {done.returncode}"))
+                message = said
+            raise HeadscaleError(str(message or f"exit {done.returncode}"))
         return out
 
     def user_id(self, name: str) -> int:
