@@ -202,8 +202,10 @@ func TestSchemaHasTheSDKTokensAndSecrets(t *testing.T) {
 		t.Fatal(err)
 	}
 	var s struct {
-		Version   string
-		Config    struct{ Variables map[string]struct{ Secret bool } }
+		Version string
+		Config  struct {
+			Variables map[string]struct{ Secret bool }
+		}
 		Resources map[string]struct {
 			Properties map[string]struct{ Secret bool }
 		}
@@ -297,7 +299,7 @@ func TestTailnetKeyLifecycle(t *testing.T) {
 	if err := s.Delete(p.DeleteRequest{ID: second.ID, Urn: u, Properties: second.Properties}); err != nil {
 		t.Fatal(err)
 	}
-	if !api.did("DELETE /api/v2/tailnet/-/keys/" + second.ID) || api.keys[second.ID] != nil {
+	if !api.did("DELETE /api/v2/tailnet/-/keys/"+second.ID) || api.keys[second.ID] != nil {
 		t.Fatalf("delete did not revoke %s: %v", second.ID, api.requests)
 	}
 	if err := s.Delete(p.DeleteRequest{ID: second.ID, Urn: u, Properties: second.Properties}); err != nil {

@@ -195,6 +195,9 @@ func packageSchema(version string) ([]byte, error) {
 		Version:     version,
 		Description: "A stand-in of the Tailscale provider for tailscale-egress's tests: the tokens the program uses, against the Tailscale API v2.",
 		Config:      schema.ConfigSpec{Variables: config},
+		// As the bridged pulumi-tailscale's schema: the module of
+		// "tailscale:index/tailnetKey:TailnetKey" is "index", not "index/tailnetKey".
+		Meta: &schema.MetadataSpec{ModuleFormat: "(.*)(?:/[^/]*)"},
 		Provider: schema.ResourceSpec{
 			ObjectTypeSpec:  schema.ObjectTypeSpec{Type: "object", Properties: providerIn},
 			InputProperties: providerIn,
