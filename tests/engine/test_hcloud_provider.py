@@ -11,14 +11,9 @@ bridged, built by `scripts/build-hcloud-provider.sh`) and the pinned
 
 from __future__ import annotations
 
-import collections.abc
 import importlib.metadata
-import inspect
 import json
-import os
-import shutil
 import subprocess
-import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +30,9 @@ from components.exit_node import HetznerExitNode, HetznerExitNodeArgs
 from config import ExitNodeConfig
 from preflight import check_exit_node_offer
 from tests.support.apiserver import bin_dir
-from tests.support.engine import PASSPHRASE, Engine, export_state
+from tests.support.engine import Engine, export_state, plugin_engine
 from tests.support.hetzner_api import HetznerAPI, RecordingHooks
+from tests.support.plugin_schema import plugin_inputs, referenced_types, sdk_inputs
 
 pytestmark = pytest.mark.engine
 
@@ -56,27 +52,7 @@ def plugin() -> Path:
 
 def hcloud_engine(state: Path) -> Engine:
     """A Pulumi home with the hcloud plugin, a file backend and a project directory."""
-    missing = [str(p) for p in (bin_dir() / "pulumi", plugin()) if not p.exists()]
-    if missing:
-        message = f"not built: {', '.join(missing)}; run `make engine-bins` (scripts/build-hcloud-provider.sh)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    shutil.rmtree(state, ignore_errors=True)
-    engine = Engine(state)
-    for directory in (engine.home, engine.backend, engine.workdir):
-        directory.mkdir(parents=True)
-    # As Engine.setup, without the Kubernetes plugin this program does not use.
-    engine.env = {
-        "PULUMI_HOME": str(engine.home),
-        "PULUMI_BACKEND_URL": f"file://{engine.backend}",
-        "PULUMI_CONFIG_PASSPHRASE": PASSPHRASE,
-        "PULUMI_SKIP_UPDATE_CHECK": "true",
-        "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
-        "PULUMI_IGNORE_AMBIENT_PLUGINS": "true",
-    }
-    engine.install_plugin("hcloud", SDK_VERSION, plugin())
-    return engine
+    return plugin_engine(state, {"hcloud": (SDK_VERSION, plugin())}, "scripts/build-hcloud-provider.sh")
 
 
 @pytest.fixture(scope="module")
@@ -359,57 +335,6 @@ USED_RESOURCES = {
     "hcloud:index/server:Server": hcloud.ServerArgs,
     "hcloud:index/firewall:Firewall": hcloud.FirewallArgs,
 }
-
-
-def sdk_type(annotation: Any) -> Any:
-    """An SDK annotation (pulumi.Input[Optional[Sequence[...]]]) in the schema's terms."""
-    if isinstance(annotation, typing.ForwardRef | str):
-        name = annotation.__forward_arg__ if isinstance(annotation, typing.ForwardRef) else annotation
-        return None if name.startswith("Output[") else f"ref:{name.removesuffix('Args')}"
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:
-        kept = {
-            json.dumps(sdk_type(a))
-            for a in args
-            if a is not type(None) and typing.get_origin(a) is not collections.abc.Awaitable and sdk_type(a) is not None
-        }
-        assert len(kept) == 1, f"no single type in {annotation}"
-        return json.loads(kept.pop())
-    if origin is collections.abc.Sequence:
-        return ["array", sdk_type(args[0])]
-    if origin is collections.abc.Mapping:
-        return ["map", sdk_type(args[1])]
-    return {str: "string", int: "integer", bool: "boolean", float: "number"}[annotation]
-
-
-def schema_type(spec: dict[str, Any]) -> Any:
-    if "$ref" in spec:
-        return f"ref:{spec['$ref'].rsplit(':', 1)[-1]}"
-    if spec.get("type") == "array":
-        return ["array", schema_type(spec["items"])]
-    if spec.get("type") == "object" and "additionalProperties" in spec:
-        return ["map", schema_type(spec["additionalProperties"])]
-    return spec["type"]
-
-
-def sdk_inputs(args_class: type) -> dict[str, tuple[Any, bool]]:
-    """{schema name: (type, required)} of an SDK Args class."""
-    to_pulumi: dict[str, str] = pulumi._types.input_type_py_to_pulumi_names(args_class)
-    init = vars(args_class)["__init__"]
-    parameters = inspect.signature(init).parameters
-    annotations: dict[str, Any] = init.__annotations__
-    return {
-        to_pulumi[name]: (sdk_type(annotations[name]), parameters[name].default is inspect.Parameter.empty)
-        for name in to_pulumi
-    }
-
-
-def plugin_inputs(properties: dict[str, Any], required: list[str]) -> dict[str, tuple[Any, bool]]:
-    return {name: (schema_type(spec), name in required) for name, spec in properties.items()}
-
-
-def referenced_types(inputs: dict[str, tuple[Any, bool]]) -> set[str]:
-    return {t for t, _ in inputs.values() for t in (t if isinstance(t, list) else [t]) if str(t).startswith("ref:")}
 
 
 @pytest.fixture(scope="module")
