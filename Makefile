@@ -182,6 +182,7 @@ cluster-api-down: venv ## stop what cluster-api started and wipe its data
 # the cluster-only stack, Pod Security and the admission guard for real.
 test-engine: venv engine-bins datapath-bins ## the real Pulumi engine against a real API server, Headscale behind the emulated Tailscale API (Linux)
 	bash scripts/install-test-tools.sh --engine
+	cd scripts/go/tailscale-provider && GOFLAGS=-mod=readonly GOTOOLCHAIN=local go test -count=1 .
 	$(PY) -m pytest -m engine tests/engine -v
 
 # A real single-node cluster (Linux, root, cgroup v1) in the data-path
@@ -208,7 +209,11 @@ test-cluster: venv datapath-bins engine-bins ## the cluster's smoke tests and th
 .PHONY: test-boot boot-images
 test-boot: venv datapath-bins boot-images ## the exit node booted for real in QEMU: first boot, reboot, reset, upgrade, power-off (Linux, root; 20-30 min under emulation)
 	bash scripts/install-test-tools.sh --boot
-	$(PY) -m pytest -m boot tests/boot -v
+	$(PY) -m pytest -m "boot and not default_stack" tests/boot -v
+
+test-default-stack: venv datapath-bins engine-bins boot-images ## the default stack through the real engine and providers, its exit node booted in QEMU by the emulated Hetzner (Linux, root; about 10 min)
+	bash scripts/install-test-tools.sh --boot
+	$(PY) -m pytest -m "boot and default_stack" tests/boot/test_default_stack.py -v
 
 ##@ Build the pinned third-party programs (into ${TS_EGRESS_CACHE:-~/.cache/tailscale-egress})
 

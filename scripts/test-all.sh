@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make test-all, what CI runs: lint, the fast suite, the real data path, the
-# real engine, the real single-node cluster and the exit node booted in QEMU,
+# exit node booted in QEMU, the real engine, the real single-node cluster and
+# the default stack end to end (its exit node booted by the emulated Hetzner),
 # in that order.
 #
 # From cold caches the builds of the engine's and the cluster's programs (the
@@ -48,4 +49,4 @@ make test-boot
 echo "waiting for the engine's and the cluster's builds (log: $log)"
 wait "$builds" || failed
 trap - EXIT
-make test-engine test-cluster
+make test-engine test-cluster test-default-stack

@@ -346,6 +346,8 @@ def net(
     boot_image("debian-12")  # the keys and the CA come with it
     keys = cache_dir() / "boot" / "keys"
     topo = Topology(tmp_path_factory.mktemp("boot"), bin_dir)
+    # The emulated Tailscale API writes the tailnet policy there (test_default_stack.py).
+    topo.hs_policy_in_database = True
     try:
         topo.create()
         # The test CA the image trusts replaces the topology's: Headscale's
@@ -452,7 +454,12 @@ config:
 def make_vm(net: BootNet, boot_image: Callable[[str], BootImage]) -> Iterator[VmFactory]:
     made: list[tuple[BootedVm, Proc]] = []
 
-    def make(image_name: str, name: str, cmdline: str = "", start: bool = True) -> BootedVm:
+    def make(
+        image_name: str, name: str, cmdline: str = "", start: bool = True, boot: ExitNodeBoot | None = None
+    ) -> BootedVm:
+        """A VM of `image_name` booting the rendered document: of `boot` when
+        given (a server the emulated Hetzner was asked for), else of a new
+        hostname and a fresh single-use key of the topology's Headscale."""
         image = boot_image(image_name)
         net.start_apt(image)
         index = net.next_vm
@@ -485,11 +492,13 @@ def make_vm(net: BootNet, boot_image: Callable[[str], BootImage]) -> Iterator[Vm
                 "--log-dhcp",
             ],
         )
-        hostname = f"tse-exit-{name}-{secrets.token_hex(2)}"
-        auth_key = topo.preauth_key(ephemeral=True, reusable=False)
-        user_data = render_cloud_init(
-            ExitNodeBoot(hostname=hostname, image=image.name, auth_key=auth_key), signing_key=image.signing_key
-        )
+        if boot is not None and boot.image != image.name:
+            raise ValueError(f"the document is for {boot.image}, the VM would boot {image.name}")
+        if boot is None:
+            auth_key = topo.preauth_key(ephemeral=True, reusable=False)
+            boot = ExitNodeBoot(hostname=f"tse-exit-{name}-{secrets.token_hex(2)}", image=image.name, auth_key=auth_key)
+        hostname, auth_key = boot.hostname, boot.auth_key
+        user_data = render_cloud_init(boot, signing_key=image.signing_key)
         workdir = topo.workdir / "vm" / name
         workdir.mkdir(parents=True)
         seed = workdir / "seed.iso"

@@ -21,9 +21,9 @@ EXIT_TAG, RELAY_TAG = TAILNET.exit_node_tag, TAILNET.relay_tag
 LAPTOP_LINK = ("192.168.88.0/24", "192.168.88.10")  # a member's laptop: its own home network
 
 
-def stack_policy_for_headscale(auto_approve: bool = True) -> dict[str, Any]:
+def stack_policy_for_headscale(auto_approve: bool = True, owner: str = f"{HS_USER}@") -> dict[str, Any]:
     """The policy the stack writes on a tailnet that allows nothing yet, in
-    Headscale's terms: tag owners are the one user (Headscale has no
+    Headscale's terms: tag owners are one user, `owner` (Headscale has no
     autogroup:admin); grants, `via`, `tests` and autoApprovers as written.
 
     auto_approve=False leaves the autoApprovers out, as the preflight asks a
@@ -32,7 +32,7 @@ def stack_policy_for_headscale(auto_approve: bool = True) -> dict[str, Any]:
     again at its next map request, so routes unapproved on purpose would not
     stay so."""
     policy = merged_policy({"grants": []}, EXIT_TAG, RELAY_TAG)
-    policy["tagOwners"] = {tag: [f"{HS_USER}@"] for tag in policy["tagOwners"]}
+    policy["tagOwners"] = {tag: [owner] for tag in policy["tagOwners"]}
     if not auto_approve:
         del policy["autoApprovers"]
     return policy

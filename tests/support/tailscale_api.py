@@ -344,6 +344,11 @@ class TailscaleAPI(LoopbackAPI):
             self.headscale.cli("preauthkeys", "expire", "--id", str(record.headscale_id))
             record.revoked = datetime.now(UTC).timestamp()
 
+    def minted_key_ids(self) -> list[str]:
+        """Every key this API minted, revoked ones too, oldest first."""
+        with self._lock:
+            return list(self._keys)
+
     def key_record(self, key_id: str) -> Json:
         """The key as GET /keys/<id> answers it (for the tests)."""
         with self._lock:
