@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Callable, Mapping
@@ -441,7 +442,12 @@ def check_tailnet_policy(cfg: StackConfig) -> Mapping[str, Any] | None:
         pulumi.log.warn(warning)
     if cfg.tailnet.login_server is not None or supplied_relay_key(config_key_is_set):
         return None
-    policy: Mapping[str, Any] = json.loads(tailscale.get_acl().json)
+    try:
+        acl = tailscale.get_acl()
+    # The SDK raises a plain Exception with the provider's answer (a refused key, a missing scope).
+    except Exception as error:  # noqa: BLE001
+        raise PreflightError(api_refusal(TAILSCALE_LOOKUP, str(error), configured(TAILSCALE_LOOKUP))) from None
+    policy: Mapping[str, Any] = json.loads(acl.json)
     exit_tag, relay_tag = cfg.tailnet.exit_node_tag, cfg.tailnet.relay_tag
     if cfg.tailnet.manage_policy:
         # Merging adds what is missing; a rule that opens the tailnet to the
@@ -478,6 +484,56 @@ def server_type_problem(server_type: str, location: str, offered: Mapping[str, b
     )
 
 
+@dataclass(frozen=True)
+class ApiLookup:
+    """A read the preflight makes through a provider, and what fixes its failure."""
+
+    api: str
+    what: str
+    endpoint_key: str
+    fix: str
+
+
+HETZNER_LOOKUP: Final = ApiLookup(
+    api="Hetzner's API",
+    what="the exit node's server type",
+    endpoint_key="hcloud:endpoint",
+    fix=(
+        "hcloud:token must be a Read & Write API token of the Hetzner Cloud project to deploy into (the"
+        " project's Security page, API tokens): pulumi config set --secret hcloud:token <token>"
+    ),
+)
+TAILSCALE_LOOKUP: Final = ApiLookup(
+    api="Tailscale's API",
+    what="the tailnet policy file",
+    endpoint_key="tailscale:baseUrl",
+    fix=(
+        "tailscale:apiKey must be a current API key of the tailnet (or tailscale:oauthClientId and"
+        " tailscale:oauthClientSecret an OAuth client with the scopes the README lists, policy_file:read"
+        " among them): pulumi config set --secret tailscale:apiKey <tskey-api-...>; and tailscale:tailnet the"
+        " tailnet's name, if the key's own tailnet is not meant"
+    ),
+)
+
+
+def configured(lookup: ApiLookup) -> str | None:
+    """The stack's own endpoint for the API, when it sets one."""
+    namespace, _, key = lookup.endpoint_key.partition(":")
+    return pulumi.Config(namespace).get(key)
+
+
+def api_refusal(lookup: ApiLookup, error: str, endpoint: str | None) -> str:
+    """Why the preflight could not read what it needs from a cloud's API: the
+    provider's own words, which key to fix, and how."""
+    # The SDK's wrapping ("invoke of <token> failed: ... ()") says nothing the user needs.
+    said = re.sub(r" \(\)$", "", re.sub(r"^invoke of \S+ failed: ", "", error.strip()))
+    where = f" (at {lookup.endpoint_key} {endpoint}: check that address too)" if endpoint else ""
+    return (
+        f"cannot deploy yet:\n  - {lookup.api} did not give {lookup.what}{where}: {said}\n"
+        f"    {lookup.fix}. Nothing was created."
+    )
+
+
 def check_exit_node_offer(exit_node: ExitNodeConfig) -> None:
     """Asks Hetzner, through the hcloud provider (getServerType), whether the
     exit node's server type is offered in its location, before the tailnet
@@ -485,7 +541,11 @@ def check_exit_node_offer(exit_node: ExitNodeConfig) -> None:
     create fails half-way through `pulumi up`."""
     if not exit_node.managed:
         return
-    offer = hcloud.get_server_type(name=exit_node.server_type)
+    try:
+        offer = hcloud.get_server_type(name=exit_node.server_type)
+    # The SDK raises a plain Exception with the provider's answer (a refused token, no answer).
+    except Exception as error:  # noqa: BLE001
+        raise PreflightError(api_refusal(HETZNER_LOOKUP, str(error), configured(HETZNER_LOOKUP))) from None
     offered = {loc.name: bool(loc.available) for loc in offer.locations or []}
     problem = server_type_problem(exit_node.server_type, exit_node.location, offered)
     if problem:

@@ -437,3 +437,45 @@ def test_a_server_type_sold_but_not_available_now_says_so() -> None:
 def test_an_ingress_source_that_is_no_namespace_name_is_refused_naming_the_key() -> None:
     message = refused(with_config(dev_config(), "cluster", ingressFrom=["Kube_System"]))
     assert "tailscale-egress:cluster.ingressFrom[0] = 'Kube_System': must be a DNS label" in message
+
+
+# A cloud API that refuses the stack's credentials: named, with the fix, before anything is created.
+
+
+class RefusingProviders(FakeProviders):
+    """Answers as the providers do when the API refuses the credential."""
+
+    def __init__(self, refused_token: str, answer: str) -> None:
+        super().__init__()
+        self.refused_token, self.answer = refused_token, answer
+
+    def call(  # type: ignore[override]
+        self, args: pulumi.runtime.MockCallArgs
+    ) -> dict[str, Any] | tuple[dict[str, Any], list[tuple[str, str]]]:
+        if args.token == self.refused_token:
+            return {}, [("", self.answer)]  # a failed invoke: the SDK raises "invoke of <token> failed: ..."
+        return super().call(args)
+
+
+def test_a_hetzner_token_the_api_refuses_is_named_with_the_fix_before_anything_is_created() -> None:
+    answer = "unable to authenticate (unauthorized)"
+    fakes = RefusingProviders("hcloud:index/getServerType:getServerType", answer)
+    config = dev_config() | {"hcloud:endpoint": "http://127.0.0.1:9/v1"}
+    result = evaluate(config, "badtoken", fakes=fakes)
+    message = str(result.error)
+    assert "Hetzner's API did not give the exit node's server type" in message
+    assert "(at hcloud:endpoint http://127.0.0.1:9/v1: check that address too)" in message
+    assert ": unable to authenticate (unauthorized)" in message and "invoke of" not in message
+    assert "pulumi config set --secret hcloud:token <token>" in message
+    assert result.resources == [], [r.name for r in result.resources]
+
+
+def test_a_tailscale_key_the_api_refuses_is_named_with_the_fix_before_anything_is_created() -> None:
+    answer = "the Tailscale API answered HTTP 401: API token invalid"
+    result = evaluate(dev_config(), "badkey", fakes=RefusingProviders("tailscale:index/getAcl:getAcl", answer))
+    message = str(result.error)
+    assert "Tailscale's API did not give the tailnet policy file: the Tailscale API answered HTTP 401" in message
+    assert (
+        "pulumi config set --secret tailscale:apiKey <tskey-api-...>" in message and "check that address" not in message
+    )
+    assert result.resources == [], [r.name for r in result.resources]
