@@ -78,7 +78,11 @@ class HetznerExitNode(pulumi.ComponentResource):
             labels=names.labels,
             # An ACPI shutdown first: the VM logs out of the tailnet on power-off.
             shutdown_before_deletion=True,
-            opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["user_data"]),
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                additional_secret_outputs=["user_data"],
+                delete_before_replace=False,
+            ),
         )
         # Known only once the server exists, so nothing looks for the device before.
         self.hostname = server.name

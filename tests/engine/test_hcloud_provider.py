@@ -247,6 +247,23 @@ class TestChange:
         assert api.servers[server_id]["status"] == "off"
         assert result.outputs["hostname"].value == name
 
+    def test_a_new_vm_generation_is_created_before_the_old_server_is_shut_down_and_deleted(
+        self, engine: Engine, api: HetznerAPI, hooks: RecordingHooks
+    ) -> None:
+        # A new key (a new VM generation: hostname, user_data) replaces the
+        # server. The bridged provider asks for delete-before-replace (the
+        # server has a name); the component overrides it, so the exit node
+        # is never gone before its successor exists.
+        stack = new_stack(engine, api, "generation", keyId="kOld1CNTRL")
+        stack.up()
+        old = names("generation").exit_node_hostname("kOld1CNTRL")
+        stack.set_config("test:keyId", auto.ConfigValue("kNew2CNTRL"))
+        result = stack.up()
+        new = names("generation").exit_node_hostname("kNew2CNTRL")
+        assert hooks.events == [("created", old), ("created", new), ("shutdown", old), ("deleted", old)]
+        assert [s["name"] for s in api.servers.values()] == [new]
+        assert result.outputs["hostname"].value == new
+
 
 class TestDestroy:
     def test_destroy_shuts_the_server_down_with_acpi_before_deleting_it_then_the_firewall(
