@@ -78,10 +78,12 @@ set -eu
 sysctl -p {SYSCTL_PATH} >/dev/null
 systemctl enable --now {GUARD_UNIT}
 systemctl enable --now tailscaled
+# Before the join: a VM powered off at any moment after it (a destroy right
+# after `up`) logs out and leaves the tailnet.
+systemctl enable --now {LOGOUT_UNIT}
 {shlex.join(up)}
 # The key is single-use and spent now; do not leave it on disk.
 rm -f {AUTH_KEY_PATH}
-systemctl enable --now {LOGOUT_UNIT}
 # cloud-init keeps the whole document (the key in it) under /var/lib/cloud and
 # would fetch and store it again at every boot: turn it off, then delete its
 # copies and discard their blocks where the disk supports it.

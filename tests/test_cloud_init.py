@@ -14,6 +14,7 @@ import yaml
 
 from builders import openpgp
 from builders.cloud_init import (
+    LOGOUT_UNIT,
     SHELL_SCRIPTS,
     TAILSCALE_KEY_FILE,
     AptSigningKey,
@@ -258,6 +259,15 @@ class TestLogoutOnPowerOff:
         (script,) = run_scripts(doc)
         enabled = [c for c in commands(script) if c[:2] == ["systemctl", "enable"] and unit in c]
         assert enabled and "--now" in enabled[0], "the unit is never started, so never stopped"
+
+    def test_the_unit_is_active_before_the_join_so_a_vm_powered_off_right_after_it_logs_out(self, doc: Doc) -> None:
+        # A `pulumi destroy` right after `up` powers the VM off while cloud-init
+        # may still be running the rest of the script (seen in the default-stack test).
+        (script,) = run_scripts(doc)
+        steps = commands(script)
+        enable = next(i for i, c in enumerate(steps) if c[:2] == ["systemctl", "enable"] and LOGOUT_UNIT in c)
+        join = next(i for i, c in enumerate(steps) if c[:2] == ["tailscale", "up"])
+        assert enable < join
 
 
 class TestServesNothing:
