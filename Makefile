@@ -20,7 +20,7 @@ POLICY_STAMP := $(POLICY_VENV)/.installed
 export PATH := $(PATH):/usr/local/go/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help venv deploy-venv tools test lint datapath-bins test-datapath engine-bins cluster-api cluster-api-down test-engine bench-engine test-all render preview up destroy bench bench-datapath clean policy-venv lint-bins need-stack need-stack-named need-pulumi
+.PHONY: help venv deploy-venv tools test lint datapath-bins test-datapath engine-bins cluster-api cluster-api-down test-engine bench-engine test-all test-boot test-default-stack render preview up destroy bench bench-datapath clean policy-venv lint-bins need-stack need-stack-named need-pulumi
 
 # Every target with a "## " comment, under its "##@ " group, in file order.
 help: ## this list
@@ -252,6 +252,11 @@ bench-datapath: venv datapath-bins ## time the real data path
 
 bench-engine: venv engine-bins ## time pulumi preview and up of 1 and 20 namespaces against one ConfigMap
 	$(PY) devtools/bench_engine.py
+
+.PHONY: bench-default-stack
+bench-default-stack: venv datapath-bins engine-bins boot-images ## time preview, up (split at its milestones) and destroy of the default stack, its VM booted in QEMU: medians of 3 (Linux, root; about 12 min)
+	bash scripts/install-test-tools.sh --boot
+	$(PY) devtools/bench_default_stack.py
 
 .PHONY: bench-cluster
 bench-cluster: venv datapath-bins engine-bins ## benchmark the relay pod in the real cluster: direct, userspace and kernel-mode relay, 1/10/100 clients, its memory, where its CPU goes at each number of clients (about 5 min)

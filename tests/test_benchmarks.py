@@ -1,4 +1,6 @@
-"""What `make bench-cluster` says about where the relay's CPU goes.
+"""What the benchmarks say: where the relay's CPU goes (`make bench-cluster`),
+the goals' verdicts (bench_stats) and the default stack's splits
+(`make bench-default-stack`).
 
 The input is `go tool pprof -traces` output in the form it prints for
 tailscaled (stacks taken from a profile of the relay under load).
@@ -6,9 +8,11 @@ tailscaled (stacks taken from a profile of the relay under load).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from devtools import bench_stats, cpu_profile
+from devtools import bench_default_stack, bench_stats, cpu_profile
 
 TRACES = """\
 File: tailscaled
@@ -133,3 +137,20 @@ def test_a_ratio_of_two_samples_resamples_each_on_its_own() -> None:
     )
     assert ratio.estimate == pytest.approx(2.0)
     assert ratio.low < 2.0 < ratio.high
+
+
+def default_stack_run(server: float, joined: float, routes: float, relay: float, wall: float) -> dict[str, Any]:
+    milestones = {"server_created": server, "routes_approved": routes, "relay_ready": relay}
+    up = {"wall": wall, "cpu": 5.0, "joined": joined, "milestones": milestones}
+    return {"preview": {"wall": 3.0, "cpu": 2.0}, "up": up, "destroy": {"wall": 20.0, "cpu": 3.0}, "load_before": 0.5}
+
+
+def test_the_default_stack_bench_takes_the_vm_s_boot_out_of_the_program_s_share() -> None:
+    # The VM boots for 100 s (server at 4 s, joined at 104 s); `up` ends 12 s after the join.
+    runs = [default_stack_run(4.0, 104.0, 106.0, 114.0, wall) for wall in (116.0, 118.0, 130.0)]
+    lines = bench_default_stack.report(runs)
+    assert "  the program's own share of up: 18.0 s (goal <= 15 s: not met)" in lines
+    assert any(
+        line.startswith("  up beyond the VM's join, to the relay ready: 10.0 s (goal <= 30 s: met") for line in lines
+    )
+    assert any("the VM's boot to its join (Headscale)" in line and "100.0 s" in line for line in lines)
