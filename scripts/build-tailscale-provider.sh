@@ -23,44 +23,9 @@
 # $TS_EGRESS_CACHE/bin/pulumi-resource-tailscale.
 set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-MODULE_DIR="$REPO/scripts/go/tailscale-provider"
-CACHE="${TS_EGRESS_CACHE:-$HOME/.cache/tailscale-egress}"
-BIN="$CACHE/bin"
-SRC="$CACHE/src"
-
-die() { echo "build-tailscale-provider: ERROR: $*" >&2; exit 1; }
-
-command -v go >/dev/null 2>&1 || die "go not found on PATH (need Go >= 1.26.4)"
-
-SDK_VERSION=$(sed -n 's/^pulumi-tailscale==\([0-9][0-9.]*\)$/\1/p' "$REPO/requirements.txt")
-[[ -n "$SDK_VERSION" ]] || die "no pulumi-tailscale==X.Y.Z pin in $REPO/requirements.txt"
-
-export CGO_ENABLED=0
-# go.sum is pinned in the repo: never resolve anything anew.
-export GOFLAGS="-trimpath -buildvcs=false -mod=readonly"
-export GOTOOLCHAIN=local
-
-dir="$BIN/pulumi-resource-tailscale-v$SDK_VERSION"
-mod="$SRC/tailscale-provider-v$SDK_VERSION"
-out="$dir/pulumi-resource-tailscale"
-log="$dir/build.log"
-
-# What the plugin is built from: the module's files, this script's steps and
-# the version it reports.
-fingerprint=$(cd "$MODULE_DIR" && {
-    echo "version $SDK_VERSION"
-    sha256sum go.mod go.sum ./*.go
-    sha256sum < "$REPO/scripts/build-tailscale-provider.sh"
-} | sha256sum | cut -d' ' -f1)
-
-run() {
-    echo "+ (cd $PWD && $*)" >> "$log"
-    if ! "$@" >> "$log" 2>&1; then
-        tail -n 60 "$log" >&2
-        die "command failed (in $PWD): $*   (full log: $log)"
-    fi
-}
+# shellcheck source=scripts/plugin-build.sh
+source "$(dirname "${BASH_SOURCE[0]}")/plugin-build.sh"
+plugin_build_setup tailscale tailscale-provider pulumi-tailscale
 
 start=$(date +%s)
 if [[ -x "$out" && -s "$dir/schema.json" && "$(cat "$dir/SOURCE" 2>/dev/null)" == "$fingerprint" ]]; then
@@ -82,6 +47,4 @@ else
     mv -f "$dir/schema.json.new" "$dir/schema.json"
     echo "$fingerprint" > "$dir/SOURCE"
 fi
-ln -sfn "pulumi-resource-tailscale-v$SDK_VERSION/pulumi-resource-tailscale" "$BIN/pulumi-resource-tailscale"
-echo "tailscale provider: $(($(date +%s) - start)) s"
-echo "  $BIN/pulumi-resource-tailscale -> $out"
+plugin_link "$start"
