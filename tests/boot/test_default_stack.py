@@ -24,6 +24,7 @@ import importlib.metadata
 import json
 import os
 import resource
+import shutil
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -164,6 +165,8 @@ def world(net: BootNet, make_vm: VmFactory, tmp_path_factory: pytest.TempPathFac
     ):
         kubeconfig = deployer_kubeconfig(cluster, tmp / "kubeconfig")
         os.environ["KUBECONFIG"] = str(kubeconfig)
+        # A run stopped midway leaves its stacks in the backend: start from none.
+        shutil.rmtree(STATE / "pulumi" / "backend", ignore_errors=True)
         engine = Engine(STATE / "pulumi")
         engine.setup()
         engine.env["KUBECONFIG"] = str(kubeconfig)
