@@ -104,7 +104,6 @@ class World:
     hooks: BootingHooks
     net: BootNet
     cluster: apiserver.Cluster
-    warnings: list[str] = field(default_factory=list)
 
     def stack(self, name: str = STACK, config: dict[str, Any] | None = None, **credentials: str) -> auto.Stack:
         """Stack `name` with `config` (by default Pulumi.dev.yaml's), this
