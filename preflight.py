@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import pulumi
@@ -442,11 +442,7 @@ def check_tailnet_policy(cfg: StackConfig) -> Mapping[str, Any] | None:
         pulumi.log.warn(warning)
     if cfg.tailnet.login_server is not None or supplied_relay_key(config_key_is_set):
         return None
-    try:
-        acl = tailscale.get_acl()
-    # The SDK raises a plain Exception with the provider's answer (a refused key, a missing scope).
-    except Exception as error:  # noqa: BLE001
-        raise PreflightError(api_refusal(TAILSCALE_LOOKUP, str(error), configured(TAILSCALE_LOOKUP))) from None
+    acl = read_through(TAILSCALE_LOOKUP, tailscale.get_acl)
     policy: Mapping[str, Any] = json.loads(acl.json)
     exit_tag, relay_tag = cfg.tailnet.exit_node_tag, cfg.tailnet.relay_tag
     if cfg.tailnet.manage_policy:
@@ -482,6 +478,9 @@ def server_type_problem(server_type: str, location: str, offered: Mapping[str, b
         f" {choices}, or choose another server type (pulumi config set --path exitNode.serverType <type>;"
         " cpx22 is sold in every location)"
     )
+
+
+_Read = TypeVar("_Read")
 
 
 @dataclass(frozen=True)
@@ -534,6 +533,16 @@ def api_refusal(lookup: ApiLookup, error: str, endpoint: str | None) -> str:
     )
 
 
+def read_through(lookup: ApiLookup, read: Callable[[], _Read]) -> _Read:
+    """`read()` through a provider; its failure (a refused credential, no
+    answer) as a PreflightError naming the key and the fix."""
+    try:
+        return read()
+    # The SDK raises a plain Exception with the provider's answer.
+    except Exception as error:  # noqa: BLE001
+        raise PreflightError(api_refusal(lookup, str(error), configured(lookup))) from None
+
+
 def check_exit_node_offer(exit_node: ExitNodeConfig) -> None:
     """Asks Hetzner, through the hcloud provider (getServerType), whether the
     exit node's server type is offered in its location, before the tailnet
@@ -541,11 +550,7 @@ def check_exit_node_offer(exit_node: ExitNodeConfig) -> None:
     create fails half-way through `pulumi up`."""
     if not exit_node.managed:
         return
-    try:
-        offer = hcloud.get_server_type(name=exit_node.server_type)
-    # The SDK raises a plain Exception with the provider's answer (a refused token, no answer).
-    except Exception as error:  # noqa: BLE001
-        raise PreflightError(api_refusal(HETZNER_LOOKUP, str(error), configured(HETZNER_LOOKUP))) from None
+    offer = read_through(HETZNER_LOOKUP, lambda: hcloud.get_server_type(name=exit_node.server_type))
     offered = {loc.name: bool(loc.available) for loc in offer.locations or []}
     problem = server_type_problem(exit_node.server_type, exit_node.location, offered)
     if problem:
