@@ -137,13 +137,19 @@ class Ports:
     @classmethod
     def free(cls) -> Ports:
         """Ports the kernel says are free now: for a test session beside another cluster."""
-        with contextlib.ExitStack() as stack:
-            values = {}
-            for field in PORT_ENV:
-                probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                probe.bind(("127.0.0.1", 0))
-                values[field] = int(probe.getsockname()[1])
-        return cls(**values)
+        return cls(**dict(zip(PORT_ENV, free_ports(len(PORT_ENV)), strict=True)))
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports the kernel says are free now (all held
+    open while they are chosen, so none is handed out twice)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe.bind(("127.0.0.1", 0))
+            ports.append(int(probe.getsockname()[1]))
+    return ports
 
 
 def _known_ports(state_dir: Path) -> Ports:

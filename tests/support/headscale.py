@@ -14,7 +14,6 @@ POST /acl is for a tailnet.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,23 +24,26 @@ from typing import Any
 
 import yaml
 
-from tests.support.apiserver import bin_dir
+from tests.support.apiserver import bin_dir, free_ports
 
 BASE_DOMAIN = "tailnet.test"
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 class HeadscaleError(Exception):
     """A headscale command failed; the message is Headscale's own."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def headscale_config(state: Path, listen_port: int) -> dict[str, Any]:
+def headscale_config(state: Path, listen_port: int, metrics_port: int, grpc_port: int) -> dict[str, Any]:
     """Headscale on 127.0.0.1 without TLS, its DERP map a loopback region that
     nothing serves: joining and the API need no relay."""
     (state / "derp.yaml").write_text(
@@ -63,8 +65,8 @@ def headscale_config(state: Path, listen_port: int) -> dict[str, Any]:
     return {
         "server_url": f"http://127.0.0.1:{listen_port}",
         "listen_addr": f"127.0.0.1:{listen_port}",
-        "metrics_listen_addr": f"127.0.0.1:{free_port()}",
-        "grpc_listen_addr": f"127.0.0.1:{free_port()}",
+        "metrics_listen_addr": f"127.0.0.1:{metrics_port}",
+        "grpc_listen_addr": f"127.0.0.1:{grpc_port}",
         "noise": {"private_key_path": str(state / "noise_private.key")},
         "prefixes": {"v4": "100.64.0.0/10", "v6": "fd7a:115c:a1e0::/48", "allocation": "sequential"},
         "derp": {"server": {"enabled": False}, "urls": [], "paths": [str(state / "derp.yaml")]},
@@ -131,7 +133,7 @@ class Headscale(HeadscaleCLI):
     def __init__(self, state: Path, binary: Path | None = None) -> None:
         super().__init__(binary or bin_dir() / "headscale", state / "config.yaml")
         self.state = state
-        self.port = free_port()
+        self.port, self._metrics_port, self._grpc_port = free_ports(3)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -147,7 +149,8 @@ class Headscale(HeadscaleCLI):
         if not self.binary.exists():
             raise RuntimeError(f"headscale not built ({self.binary}): build it with `make datapath-bins`")
         self.state.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(headscale_config(self.state, self.port)))
+        config = headscale_config(self.state, self.port, self._metrics_port, self._grpc_port)
+        self.config_path.write_text(yaml.safe_dump(config))
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(
                 [str(self.binary), "-c", str(self.config_path), "serve"], stdout=log, stderr=subprocess.STDOUT
@@ -156,12 +159,7 @@ class Headscale(HeadscaleCLI):
             self._wait_until_serving()
             yield self
         finally:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            stop(self._process)
             self._process = None
 
     def _wait_until_serving(self) -> None:
@@ -221,9 +219,4 @@ def joined_node(login_server: str, state: Path, auth_key: str, hostname: str, *u
             raise HeadscaleError(f"tailscale up as {hostname}: {(up.stderr or up.stdout).strip()}")
         yield socket_path
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        stop(daemon)
