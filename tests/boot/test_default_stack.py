@@ -26,7 +26,6 @@ import os
 import resource
 import shutil
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from tests.support import apiserver
 from tests.support.engine import PROJECT, Engine, export_state, run_project_program
 from tests.support.headscale import HeadscaleCLI
 from tests.support.hetzner_api import HetznerAPI
-from tests.support.tailscale_api import KEY_OWNER, TailscaleAPI
+from tests.support.tailscale_api import KEY_OWNER, TailscaleAPI, api_call
 
 pytestmark = [pytest.mark.boot, pytest.mark.default_stack]
 
@@ -176,19 +175,11 @@ def world(net: BootNet, make_vm: VmFactory, tmp_path_factory: pytest.TempPathFac
         # The user's tailnet: the policy the README asks for, owned by the API's user.
         headscale.user_id(KEY_OWNER)
         policy = stack_policy_for_headscale(auto_approve=False, owner=f"{KEY_OWNER}@")
-        tailnet_policy_write(tailnet, policy)
+        status, _, answer = api_call(tailnet, "POST", "/tailnet/-/acl", policy)
+        assert status == 200, answer
         yield World(engine, hetzner, tailnet, hooks, net, cluster)
         engine.remove_stack(STACK)
         os.environ.pop("KUBECONFIG", None)
-
-
-def tailnet_policy_write(tailnet: TailscaleAPI, policy: dict[str, Any]) -> None:
-    request = urllib.request.Request(
-        tailnet.base_url + "/api/v2/tailnet/-/acl", data=json.dumps(policy).encode(), method="POST"
-    )
-    request.add_header("Authorization", f"Bearer {tailnet.api_key}")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert response.status == 200
 
 
 def diagnostics(events: list[auto.EngineEvent]) -> list[str]:

@@ -6,7 +6,6 @@ and enabling a device's routes approves them in Headscale."""
 
 from __future__ import annotations
 
-import base64
 import json
 import urllib.error
 import urllib.request
@@ -17,37 +16,11 @@ import pytest
 
 from tests.support.headscale import Headscale, HeadscaleError, joined_node
 from tests.support.tailscale_api import DEFAULT_ETAG, TailscaleAPI, standardize_hujson
+from tests.support.tailscale_api import api_call as call
 
 pytestmark = pytest.mark.engine
 
 OWNED = '{"tagOwners": {"tag:exit": [], "tag:relay": []}, "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
-
-
-def call(
-    api: TailscaleAPI,
-    method: str,
-    path: str,
-    body: Any = None,
-    *,
-    key: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], Any]:
-    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
-    request = urllib.request.Request(api.base_url + "/api/v2" + path, method=method, data=data)
-    credential = base64.b64encode(f"{api.api_key if key is None else key}:".encode()).decode()
-    request.add_header("Authorization", f"Basic {credential}")
-    for name, value in (headers or {}).items():
-        request.add_header(name, value)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            status, answer_headers, raw = response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        status, answer_headers, raw = error.code, dict(error.headers), error.read()
-    text = raw.decode()
-    try:
-        return status, answer_headers, json.loads(text) if text else None
-    except json.JSONDecodeError:
-        return status, answer_headers, text
 
 
 def key_request(tags: list[str], reusable: bool, expiry: int = 3600) -> dict[str, Any]:

@@ -38,6 +38,8 @@ import json
 import re
 import secrets
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -495,3 +497,32 @@ class TailscaleAPI(LoopbackAPI):
             path = Path(tmp) / "policy.hujson"
             path.write_text(text)
             self.headscale.cli("policy", "set", "--file", str(path))
+
+
+def api_call(
+    api: TailscaleAPI,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    key: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    """A client's call of the emulated API with its API key (or `key`):
+    the status, the headers and the answer (JSON decoded when it is JSON)."""
+    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
+    request = urllib.request.Request(api.base_url + "/api/v2" + path, method=method, data=data)
+    credential = base64.b64encode(f"{api.api_key if key is None else key}:".encode()).decode()
+    request.add_header("Authorization", f"Basic {credential}")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, answer_headers, raw = response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        status, answer_headers, raw = error.code, dict(error.headers), error.read()
+    text = raw.decode()
+    try:
+        return status, answer_headers, json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return status, answer_headers, text
