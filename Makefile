@@ -205,11 +205,14 @@ test-cluster: venv datapath-bins engine-bins ## the cluster's smoke tests and th
 
 # The exit node's rendered cloud-init document booted in real QEMU VMs (TCG),
 # offline: Debian 12 and 13 images built from the Debian mirror, Headscale as
-# the control server, local repositories as Tailscale's and Debian's.
+# the control server, local repositories as Tailscale's and Debian's. Each VM
+# (Debian 12's, 13's, the broken document's: a test class each) lives on its
+# own pytest-xdist worker with its own topology, so their boots and reboots
+# overlap.
 .PHONY: test-boot boot-images
-test-boot: venv datapath-bins boot-images ## the exit node booted for real in QEMU: first boot, reboot, reset, upgrade, power-off (Linux, root; 20-30 min under emulation)
+test-boot: venv datapath-bins boot-images ## the exit node booted for real in QEMU: first boot, reboot, reset, upgrade, power-off (Linux, root; about 15 min under emulation, each VM on its own worker)
 	bash scripts/install-test-tools.sh --boot
-	$(PY) -m pytest -m "boot and not default_stack" tests/boot -v
+	$(PY) -m pytest -m "boot and not default_stack" tests/boot -v -n 3 --dist loadscope
 
 test-default-stack: venv datapath-bins engine-bins boot-images ## the default stack through the real engine and providers, its exit node booted in QEMU by the emulated Hetzner (Linux, root; about 10 min)
 	bash scripts/install-test-tools.sh --boot

@@ -141,7 +141,12 @@ def test_the_boot_step_installs_what_the_boot_image_build_and_the_boot_suite_run
     assert "install-test-tools.sh --boot" in script
     # The suite: QEMU and its tools, the DHCP/DNS server, and the data-path topology it extends.
     suite = "".join(
-        p.read_text() for p in (*repo_path("tests", "boot").glob("*.py"), repo_path("tests", "support", "vm.py"))
+        p.read_text()
+        for p in (
+            *repo_path("tests", "boot").glob("*.py"),
+            repo_path("tests", "support", "vm.py"),
+            repo_path("tests", "support", "exit_vm.py"),
+        )
     )
     run = set(re.findall(r'"(qemu-system-x86_64|qemu-img|genisoimage|dnsmasq|openssl)"', suite))
     assert {"qemu-system-x86_64", "qemu-img", "genisoimage", "dnsmasq"} <= run

@@ -5,8 +5,9 @@ mirror, seeded with exactly the document `render_cloud_init` renders (with
 the test apt signing key as its input), offline: Headscale answers as
 controlplane.tailscale.com, the local repositories as pkgs.tailscale.com and
 deb.debian.org. Boots take a minute or more under TCG, so one VM per image
-goes through its life in order (first boot, reboot, hard reset, upgrade,
-power-off), and the broken-document VM boots beside it.
+goes through its life in order (first boot, upgrade, reboot, hard reset,
+power-off), one test class per VM; `make test-boot` runs the classes side by
+side, one pytest-xdist worker each (`-k Debian13` runs one image).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
 from builders.cloud_init import AUTH_KEY_PATH, GUARD_UNIT
 from tests.datapath.topology import INTERNET_IP, ROUTER, wait_for
+from tests.support.exit_vm import BootedVm, BootNet, VmFactory
 
-from .conftest import PEER, BootedVm, BootNet, BootTimings, VmFactory
+from .conftest import PEER, TimingRecorder
 
 pytestmark = pytest.mark.boot
 
@@ -178,35 +181,6 @@ def assert_exit_traffic(node: BootedVm) -> None:
         net.topo.ts(PEER, "set", "--exit-node=")
 
 
-IMAGES = ("debian-12", "debian-13")
-# The VM's life after its first boot (upgrade, reboot, reset, power-off), on every image.
-LIFECYCLE = pytest.mark.parametrize("node", IMAGES, indirect=True)
-
-
-@pytest.fixture(scope="module")
-def vms(request: pytest.FixtureRequest, make_vm: VmFactory) -> dict[str, BootedVm]:
-    """One VM per image and the broken-document VM, started side by side so
-    that their first boots overlap; each image's VM then goes through its
-    life in the order of the tests below. Only the VMs the selected tests
-    use are booted (-k debian-12: one image)."""
-    items = [t for t in request.session.items if isinstance(t, pytest.Function)]
-    images = [i for i in IMAGES if any(hasattr(t, "callspec") and t.callspec.params.get("node") == i for t in items)]
-    out = {image: make_vm(image, image.replace("ebian-", "")) for image in images}
-    if any("broken" in t.fixturenames for t in items):
-        # No nf_tables in the kernel: iptables (Debian's nft backend) cannot
-        # create the guard's chains. (ipv6.disable=1 does not break the guard:
-        # ip6tables-nft still works without the IPv6 stack.)
-        out["noip6"] = make_vm("debian-12", "nonft", cmdline="module_blacklist=nf_tables")
-    return out
-
-
-@pytest.fixture(scope="module", params=IMAGES)
-def node(request: pytest.FixtureRequest, vms: dict[str, BootedVm]) -> BootedVm:
-    node = vms[request.param]
-    node.vm.wait_agent(FIRST_BOOT_TIMEOUT)
-    return node
-
-
 def apt_diagnostics(node: BootedVm) -> str:
     """What apt and cloud-init said, for a failure message."""
     return node.vm.sh(
@@ -216,191 +190,206 @@ def apt_diagnostics(node: BootedVm) -> str:
     ).out
 
 
-def test_first_boot_cloud_init_done_without_errors(node: BootedVm) -> None:
-    node.wait_cloud_init(FIRST_BOOT_TIMEOUT)
-    # What this boot's cloud-init run did: every stage finished, no errors,
-    # no recoverable errors (warnings), in cloud-init's own records.
-    errors = node.cloud_init_file("result.json")["v1"]["errors"]
-    assert errors == [], f"{errors}\n{apt_diagnostics(node)}"
-    stages = node.cloud_init_file("status.json")["v1"]
-    for stage in ("init-local", "init", "modules-config", "modules-final"):
-        assert stages[stage]["finished"], (stage, stages[stage])
-        assert stages[stage]["errors"] == [], (stage, stages[stage])
-        assert not stages[stage].get("recoverable_errors"), (stage, stages[stage])
-    # `cloud-init status` itself: the up script turned cloud-init off after
-    # the join (its marker file), and from then on it says so instead of "done".
-    status = node.cloud_init_status()
-    assert status["status"] in ("done", "disabled"), status
-    assert status["errors"] == [], status
-    assert not status.get("recoverable_errors"), status
-    if status["status"] == "disabled":
-        assert status.get("boot_status_code") == "disabled-by-marker-file", status
-
-
-def test_first_boot_joins_with_rendered_hostname_and_advertises_exit_routes(
-    node: BootedVm, boot_timings: BootTimings
-) -> None:
-    node.wait_online(120)
-    boot_timings.record(node.image.name, "first boot: power-on to online (s)", online_at(node))
-    n = node.node()
-    assert n is not None
-    assert n.get("given_name") == node.hostname or n.get("name") == node.hostname, n
-    assert {"0.0.0.0/0", "::/0"} <= node_routes(node)["available"]
-
-
-def test_first_boot_guard_first_before_tailscaled_and_forwarding_on(node: BootedVm) -> None:
-    assert_guarded(node)
-    for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
-        assert node.vm.sh(f"sysctl -n {key}").out.strip() == "1", key
-
-
-def test_first_boot_serves_nothing_to_the_tailnet(node: BootedVm) -> None:
-    net = node.net
-    n = node.node()
-    assert n is not None
-    net.topo.hs("nodes", "approve-routes", "--identifier", str(n["id"]), "--routes", "0.0.0.0/0,::/0")
-    # sshd listens: the router (the internet side, no Hetzner firewall here) reaches it.
-    assert peer_tcp(net, node.public_ip, 22, role=ROUTER)
-    # From the tailnet: neither its tailnet address nor, through it as exit
-    # node, its public address.
-    assert not peer_tcp(net, tailnet_ip(node), 22)
-    net.topo.ts(PEER, "set", f"--exit-node={tailnet_ip(node)}")
-    try:
-        wait_for("peer routes through the exit node", lambda: _peer_uses_exit_node(net), 30)
-        assert not peer_tcp(net, node.public_ip, 22)
-    finally:
-        net.topo.ts(PEER, "set", "--exit-node=")
-
-
-def test_first_boot_traffic_through_the_exit_node(node: BootedVm) -> None:
-    assert_exit_traffic(node)
-
-
-def test_no_copy_of_the_auth_key_in_any_file_after_the_join(node: BootedVm) -> None:
-    # Every file on the VM's disk (/var/lib/cloud included; /proc, /sys, /run
-    # and other non-disk mounts excluded). The raw blocks are searched after
-    # the power-off below.
-    found = node.vm.sh(
-        f"find / -xdev -type f -print0 | xargs -0 grep -lF -e '{node.auth_key}' -- || true", timeout=600
-    ).out
-    assert found.strip() == "", found
-    assert node.vm.sh("test -e /etc/cloud/cloud-init.disabled", check=False).rc == 0
-
-
 def _node_id(node: BootedVm) -> str:
     n = node.node()
     assert n is not None, f"{node.hostname} is not in Headscale"
     return str(n["id"])
 
 
-@pytest.fixture(scope="module")
-def broken(vms: dict[str, BootedVm]) -> BootedVm:
-    node = vms["noip6"]
+@pytest.fixture(scope="class")
+def node(request: pytest.FixtureRequest, make_vm: VmFactory) -> BootedVm:
+    """The class's VM, booted when its first test needs it."""
+    image: str = request.cls.image
+    node = make_vm(image, image.replace("ebian-", ""))
     node.vm.wait_agent(FIRST_BOOT_TIMEOUT)
     return node
 
 
-def test_guard_that_cannot_install_its_rules_keeps_tailscaled_from_starting(broken: BootedVm) -> None:
-    broken.wait_cloud_init(FIRST_BOOT_TIMEOUT)
-    # The up script stopped at the guard: the document failed, visibly.
-    assert broken.cloud_init_file("result.json")["v1"]["errors"] != []
-    assert broken.vm.sh(f"systemctl is-failed {GUARD_UNIT}", check=False).out.strip() == "failed"
-    assert broken.vm.sh("systemctl is-active tailscaled", check=False).out.strip() != "active"
-    journal = broken.journal("-b -u tailscaled.service")
-    assert _first(r"Started tailscaled\.service", journal) is None, journal
-    assert broken.vm.sh("ip link show tailscale0", check=False).rc != 0
-    assert broken.node() is None
+@pytest.fixture(scope="class")
+def broken(make_vm: VmFactory) -> BootedVm:
+    node = make_vm("debian-12", "nonft", cmdline="module_blacklist=nf_tables")
+    node.vm.wait_agent(FIRST_BOOT_TIMEOUT)
+    return node
 
 
-@LIFECYCLE
-def test_nightly_upgrade_installs_the_newer_tailscale_and_stays_guarded(node: BootedVm) -> None:
-    node_id = _node_id(node)
-    node.net.publish_upgrade(node.image)
-    node.vm.sh("apt-get update -q", timeout=180)
-    # apt saw the newer package: its lists were fetched again, not kept (a 304).
-    policy = node.vm.sh("apt-cache policy tailscale").out
-    candidate = re.search(r"Candidate: (\S+)", policy)
-    assert candidate and candidate.group(1) == node.image.upgrade_version, (
-        policy + "\n" + "\n".join(node.net.apt_requests(node.image)[-8:])
-    )
-    dry = node.vm.sh("unattended-upgrade --dry-run -d 2>&1", timeout=300).out
-    assert re.search(r"Packages that will be upgraded:.*\btailscale\b", dry), dry
-    node.vm.sh("unattended-upgrade -d 2>&1", timeout=300)
-    version = node.vm.sh("dpkg-query -W -f '${Version}' tailscale").out.strip()
-    assert version == node.image.upgrade_version
-    # The package restarted tailscaled: the node stays, guarded, not logged out.
-    node.wait_online(120)
-    assert _node_id(node) == node_id
-    assert_guarded(node)
+class ExitNodeLife:
+    """One VM's life in the order of its tests: first boot, the nightly
+    upgrade, reboot, hard reset, power-off. One subclass per image; `make
+    test-boot` runs each class on its own pytest-xdist worker (--dist
+    loadscope), each with its own topology, so the VMs live side by side."""
 
+    image: ClassVar[str]
 
-@LIFECYCLE
-def test_reboot_comes_back_online_guarded_without_a_key(node: BootedVm, boot_timings: BootTimings) -> None:
-    node_id = _node_id(node)
-    t0 = time.monotonic()
-    node.vm.send_only("systemctl reboot")
-    wait_for("the node to go offline", lambda: not node.online(), 120, interval=1)
-    node.vm.forget_agent_output()
-    node.vm.wait_agent(REBOOT_TIMEOUT)
-    node.wait_online(REBOOT_TIMEOUT)
-    boot_timings.record(node.image.name, "reboot: `systemctl reboot` to online (s)", time.monotonic() - t0)
-    boot_timings.record(node.image.name, "reboot: power-on to online (s)", online_at(node))
-    # The same node, not a new registration (the key was single-use and is gone).
-    assert _node_id(node) == node_id
-    assert node.vm.sh(f"test -e {AUTH_KEY_PATH}", check=False).rc != 0
-    assert_no_ordering_cycle(node)
-    assert_network_up(node)
-    assert_guarded(node)
-    # Still the upgraded package, started again after the reboot.
-    assert node.vm.sh("dpkg-query -W -f '${Version}' tailscale").out.strip() == node.image.upgrade_version
-    assert_exit_traffic(node)
+    def test_first_boot_cloud_init_done_without_errors(self, node: BootedVm) -> None:
+        node.wait_cloud_init(FIRST_BOOT_TIMEOUT)
+        # What this boot's cloud-init run did: every stage finished, no errors,
+        # no recoverable errors (warnings), in cloud-init's own records.
+        errors = node.cloud_init_file("result.json")["v1"]["errors"]
+        assert errors == [], f"{errors}\n{apt_diagnostics(node)}"
+        stages = node.cloud_init_file("status.json")["v1"]
+        for stage in ("init-local", "init", "modules-config", "modules-final"):
+            assert stages[stage]["finished"], (stage, stages[stage])
+            assert stages[stage]["errors"] == [], (stage, stages[stage])
+            assert not stages[stage].get("recoverable_errors"), (stage, stages[stage])
+        # `cloud-init status` itself: the up script turned cloud-init off after
+        # the join (its marker file), and from then on it says so instead of "done".
+        status = node.cloud_init_status()
+        assert status["status"] in ("done", "disabled"), status
+        assert status["errors"] == [], status
+        assert not status.get("recoverable_errors"), status
+        if status["status"] == "disabled":
+            assert status.get("boot_status_code") == "disabled-by-marker-file", status
 
+    def test_first_boot_joins_with_rendered_hostname_and_advertises_exit_routes(
+        self, node: BootedVm, boot_timings: TimingRecorder
+    ) -> None:
+        node.wait_online(120)
+        boot_timings.record(node.image.name, "first boot: power-on to online (s)", online_at(node))
+        n = node.node()
+        assert n is not None
+        assert n.get("given_name") == node.hostname or n.get("name") == node.hostname, n
+        assert {"0.0.0.0/0", "::/0"} <= node_routes(node)["available"]
 
-@LIFECYCLE
-def test_hard_reset_comes_back_online_guarded(node: BootedVm, boot_timings: BootTimings) -> None:
-    node_id = _node_id(node)
-    boot_id = node.vm.sh("cat /proc/sys/kernel/random/boot_id").out.strip()
-    t0 = time.monotonic()
-    node.vm.reset()
-    node.vm.forget_agent_output()
+    def test_first_boot_guard_first_before_tailscaled_and_forwarding_on(self, node: BootedVm) -> None:
+        assert_guarded(node)
+        for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
+            assert node.vm.sh(f"sysctl -n {key}").out.strip() == "1", key
 
-    def new_boot() -> bool:
+    def test_first_boot_serves_nothing_to_the_tailnet(self, node: BootedVm) -> None:
+        net = node.net
+        n = node.node()
+        assert n is not None
+        net.topo.hs("nodes", "approve-routes", "--identifier", str(n["id"]), "--routes", "0.0.0.0/0,::/0")
+        # sshd listens: the router (the internet side, no Hetzner firewall here) reaches it.
+        assert peer_tcp(net, node.public_ip, 22, role=ROUTER)
+        # From the tailnet: neither its tailnet address nor, through it as exit
+        # node, its public address.
+        assert not peer_tcp(net, tailnet_ip(node), 22)
+        net.topo.ts(PEER, "set", f"--exit-node={tailnet_ip(node)}")
+        try:
+            wait_for("peer routes through the exit node", lambda: _peer_uses_exit_node(net), 30)
+            assert not peer_tcp(net, node.public_ip, 22)
+        finally:
+            net.topo.ts(PEER, "set", "--exit-node=")
+
+    def test_first_boot_traffic_through_the_exit_node(self, node: BootedVm) -> None:
+        assert_exit_traffic(node)
+
+    def test_no_copy_of_the_auth_key_in_any_file_after_the_join(self, node: BootedVm) -> None:
+        # Every file on the VM's disk (/var/lib/cloud included; /proc, /sys, /run
+        # and other non-disk mounts excluded). The raw blocks are searched after
+        # the power-off below.
+        found = node.vm.sh(
+            f"find / -xdev -type f -print0 | xargs -0 grep -lF -e '{node.auth_key}' -- || true", timeout=600
+        ).out
+        assert found.strip() == "", found
+        assert node.vm.sh("test -e /etc/cloud/cloud-init.disabled", check=False).rc == 0
+
+    def test_nightly_upgrade_installs_the_newer_tailscale_and_stays_guarded(self, node: BootedVm) -> None:
+        node_id = _node_id(node)
+        node.net.publish_upgrade(node.image)
+        node.vm.sh("apt-get update -q", timeout=180)
+        # apt saw the newer package: its lists were fetched again, not kept (a 304).
+        policy = node.vm.sh("apt-cache policy tailscale").out
+        candidate = re.search(r"Candidate: (\S+)", policy)
+        assert candidate and candidate.group(1) == node.image.upgrade_version, (
+            policy + "\n" + "\n".join(node.net.apt_requests(node.image)[-8:])
+        )
+        dry = node.vm.sh("unattended-upgrade --dry-run -d 2>&1", timeout=300).out
+        assert re.search(r"Packages that will be upgraded:.*\btailscale\b", dry), dry
+        node.vm.sh("unattended-upgrade -d 2>&1", timeout=300)
+        version = node.vm.sh("dpkg-query -W -f '${Version}' tailscale").out.strip()
+        assert version == node.image.upgrade_version
+        # The package restarted tailscaled: the node stays, guarded, not logged out.
+        node.wait_online(120)
+        assert _node_id(node) == node_id
+        assert_guarded(node)
+
+    def test_reboot_comes_back_online_guarded_without_a_key(self, node: BootedVm, boot_timings: TimingRecorder) -> None:
+        node_id = _node_id(node)
+        t0 = time.monotonic()
+        node.vm.send_only("systemctl reboot")
+        wait_for("the node to go offline", lambda: not node.online(), 120, interval=1)
+        node.vm.forget_agent_output()
         node.vm.wait_agent(REBOOT_TIMEOUT)
-        return node.vm.sh("cat /proc/sys/kernel/random/boot_id").out.strip() != boot_id
+        node.wait_online(REBOOT_TIMEOUT)
+        boot_timings.record(node.image.name, "reboot: `systemctl reboot` to online (s)", time.monotonic() - t0)
+        boot_timings.record(node.image.name, "reboot: power-on to online (s)", online_at(node))
+        # The same node, not a new registration (the key was single-use and is gone).
+        assert _node_id(node) == node_id
+        assert node.vm.sh(f"test -e {AUTH_KEY_PATH}", check=False).rc != 0
+        assert_no_ordering_cycle(node)
+        assert_network_up(node)
+        assert_guarded(node)
+        # Still the upgraded package, started again after the reboot.
+        assert node.vm.sh("dpkg-query -W -f '${Version}' tailscale").out.strip() == node.image.upgrade_version
+        assert_exit_traffic(node)
 
-    wait_for("the VM to boot again after the reset", new_boot, REBOOT_TIMEOUT, interval=2)
-    wait_for(
-        "tailscaled running again",
-        lambda: '"BackendState": "Running"' in node.vm.sh("tailscale status --json", check=False).out,
-        REBOOT_TIMEOUT,
-        interval=2,
-    )
-    node.wait_online(REBOOT_TIMEOUT)
-    boot_timings.record(node.image.name, "hard reset: reset to online (s)", time.monotonic() - t0)
-    boot_timings.record(node.image.name, "hard reset: power-on to online (s)", online_at(node))
-    assert _node_id(node) == node_id
-    assert_no_ordering_cycle(node)
-    assert_network_up(node)
-    assert_guarded(node)
-    assert_exit_traffic(node)
+    def test_hard_reset_comes_back_online_guarded(self, node: BootedVm, boot_timings: TimingRecorder) -> None:
+        node_id = _node_id(node)
+        boot_id = node.vm.sh("cat /proc/sys/kernel/random/boot_id").out.strip()
+        t0 = time.monotonic()
+        node.vm.reset()
+        node.vm.forget_agent_output()
+
+        def new_boot() -> bool:
+            node.vm.wait_agent(REBOOT_TIMEOUT)
+            return node.vm.sh("cat /proc/sys/kernel/random/boot_id").out.strip() != boot_id
+
+        wait_for("the VM to boot again after the reset", new_boot, REBOOT_TIMEOUT, interval=2)
+        wait_for(
+            "tailscaled running again",
+            lambda: '"BackendState": "Running"' in node.vm.sh("tailscale status --json", check=False).out,
+            REBOOT_TIMEOUT,
+            interval=2,
+        )
+        node.wait_online(REBOOT_TIMEOUT)
+        boot_timings.record(node.image.name, "hard reset: reset to online (s)", time.monotonic() - t0)
+        boot_timings.record(node.image.name, "hard reset: power-on to online (s)", online_at(node))
+        assert _node_id(node) == node_id
+        assert_no_ordering_cycle(node)
+        assert_network_up(node)
+        assert_guarded(node)
+        assert_exit_traffic(node)
+
+    def test_power_off_logs_the_node_out(self, node: BootedVm) -> None:
+        assert node.node() is not None
+        node.vm.powerdown()
+        rc = node.vm.wait_exit(120)
+        assert rc == 0
+        # The logout unit's ExecStop ran before tailscaled stopped: the ephemeral
+        # node is gone from the control server by the time the VM is off.
+        assert wait_for("the node to leave Headscale", lambda: node.node() is None, 30, interval=1)
+        console = node.vm.console_log.read_text(errors="replace")
+        assert "reboot: Power down" in console, node.vm.console_tail()
+
+    def test_no_copy_of_the_auth_key_in_the_disk_blocks(self, node: BootedVm) -> None:
+        # The whole disk as the guest saw it, every block, used or free (fstrim
+        # discarded the freed ones through discard=unmap).
+        assert not node.vm.alive()
+        assert not node.vm.disk_contains(node.auth_key.encode())
 
 
-@LIFECYCLE
-def test_power_off_logs_the_node_out(node: BootedVm) -> None:
-    assert node.node() is not None
-    node.vm.powerdown()
-    rc = node.vm.wait_exit(120)
-    assert rc == 0
-    # The logout unit's ExecStop ran before tailscaled stopped: the ephemeral
-    # node is gone from the control server by the time the VM is off.
-    assert wait_for("the node to leave Headscale", lambda: node.node() is None, 30, interval=1)
-    console = node.vm.console_log.read_text(errors="replace")
-    assert "reboot: Power down" in console, node.vm.console_tail()
+class TestDebian12(ExitNodeLife):
+    image = "debian-12"
 
 
-@LIFECYCLE
-def test_no_copy_of_the_auth_key_in_the_disk_blocks(node: BootedVm) -> None:
-    # The whole disk as the guest saw it, every block, used or free (fstrim
-    # discarded the freed ones through discard=unmap).
-    assert not node.vm.alive()
-    assert not node.vm.disk_contains(node.auth_key.encode())
+class TestDebian13(ExitNodeLife):
+    image = "debian-13"
+
+
+class TestBrokenDocument:
+    """A kernel without nf_tables: iptables (Debian's nft backend) cannot
+    create the guard's chains. (ipv6.disable=1 does not break the guard:
+    ip6tables-nft still works without the IPv6 stack.)"""
+
+    def test_guard_that_cannot_install_its_rules_keeps_tailscaled_from_starting(self, broken: BootedVm) -> None:
+        broken.wait_cloud_init(FIRST_BOOT_TIMEOUT)
+        # The up script stopped at the guard: the document failed, visibly.
+        assert broken.cloud_init_file("result.json")["v1"]["errors"] != []
+        assert broken.vm.sh(f"systemctl is-failed {GUARD_UNIT}", check=False).out.strip() == "failed"
+        assert broken.vm.sh("systemctl is-active tailscaled", check=False).out.strip() != "active"
+        journal = broken.journal("-b -u tailscaled.service")
+        assert _first(r"Started tailscaled\.service", journal) is None, journal
+        assert broken.vm.sh("ip link show tailscale0", check=False).rc != 0
+        assert broken.node() is None

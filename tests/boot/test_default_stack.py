@@ -30,23 +30,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 import yaml
 from pulumi import automation as auto
 
-from builders.cloud_init import AUTH_KEY_PATH, ExitNodeBoot, render_cloud_init
 from builders.names import StackNames
 from builders.networks import EXIT_ROUTES
 from components import tailnet_access
 from config import StackConfig
-from tests.boot.conftest import BootedVm, BootNet, VmFactory
 from tests.datapath.stack_tailnet import EXIT_TAG, RELAY_TAG, stack_policy_for_headscale
 from tests.datapath.topology import wait_for
 from tests.stacks import dev_config
 from tests.support import apiserver
 from tests.support.engine import PROJECT, Engine, export_state, run_project_program
+from tests.support.exit_vm import BootingHooks, BootNet, VmFactory
 from tests.support.headscale import HeadscaleCLI
 from tests.support.hetzner_api import HetznerAPI
 from tests.support.tailscale_api import KEY_OWNER, TailscaleAPI, api_call
@@ -59,40 +58,6 @@ HCLOUD_TOKEN = "h" * 64
 # A separate deployer identity: the stack's context is not kubectl's default (the README's advice).
 DEPLOYER_CONTEXT = "rancher-desktop"
 FIRST_BOOT_TIMEOUT = 600
-
-
-@dataclass
-class BootingHooks:
-    """The emulated Hetzner's servers are real VMs: created, one boots the
-    document the provider sent; the ACPI shutdown presses its power button
-    and waits until it is off; deleted, it is gone."""
-
-    make_vm: VmFactory
-    vms: dict[str, BootedVm] = field(default_factory=dict)
-    events: list[tuple[str, str]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    def on_server_created(self, server: dict[str, Any], user_data: str) -> None:
-        document = yaml.safe_load(user_data)
-        (auth_key,) = [f["content"] for f in document["write_files"] if f["path"] == AUTH_KEY_PATH]
-        boot = ExitNodeBoot(hostname=document["hostname"], image=server["image"]["name"], auth_key=auth_key)
-        if render_cloud_init(boot) != user_data:
-            self.problems.append(f"{server['name']}: the user_data sent is not the rendered document")
-        self.events.append(("created", server["name"]))
-        self.vms[server["name"]] = self.make_vm(boot.image, f"s{server['id']}", boot=boot)
-
-    def on_server_shutdown(self, server: dict[str, Any], command: Literal["shutdown", "poweroff"]) -> None:
-        self.events.append((command, server["name"]))
-        vm = self.vms[server["name"]].vm
-        if command == "shutdown":
-            vm.powerdown()
-            vm.wait_exit(180)
-        else:
-            vm.kill()
-
-    def on_server_deleted(self, server: dict[str, Any]) -> None:
-        self.events.append(("deleted", server["name"]))
-        self.vms.pop(server["name"]).vm.kill()
 
 
 @dataclass

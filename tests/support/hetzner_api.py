@@ -106,14 +106,23 @@ CATALOGUE = Catalogue(
 )
 
 
+@dataclass(frozen=True)
+class PublicNet:
+    """A server's public addresses: its IPv4 address and its IPv6 /64."""
+
+    ipv4: str
+    ipv6: str
+
+
 class ServerHooks(Protocol):
     """What happens to the machine behind a server. Called with the API's lock
     held and before the answer is sent, as Hetzner answers once the action is
     accepted: a hook that boots or stops a real VM starts it and returns (the
     provider polls the action, not the VM). The server is "off" once
-    `on_server_shutdown` returns."""
+    `on_server_shutdown` returns. A machine with addresses of its own (a
+    VM's) gives them back from `on_server_created`, and the server has them."""
 
-    def on_server_created(self, server: Json, user_data: str) -> None: ...
+    def on_server_created(self, server: Json, user_data: str) -> PublicNet | None: ...
 
     def on_server_shutdown(self, server: Json, command: Literal["shutdown", "poweroff"]) -> None: ...
 
@@ -127,9 +136,10 @@ class RecordingHooks:
     events: list[tuple[str, str]] = field(default_factory=list)
     user_data: dict[str, str] = field(default_factory=dict)
 
-    def on_server_created(self, server: Json, user_data: str) -> None:
+    def on_server_created(self, server: Json, user_data: str) -> PublicNet | None:
         self.events.append(("created", server["name"]))
         self.user_data[server["name"]] = user_data
+        return None
 
     def on_server_shutdown(self, server: Json, command: Literal["shutdown", "poweroff"]) -> None:
         self.events.append((command, server["name"]))
@@ -565,7 +575,11 @@ class HetznerAPI(LoopbackAPI):
         start = body.get("start_after_create", True)
         next_actions = [self._action("start_server", [(server_id, "server")])] if start else []
         server["status"] = "running" if start else "off"
-        self.hooks.on_server_created(dict(server), user_data)
+        machine = self.hooks.on_server_created(dict(server), user_data)
+        if machine is not None:
+            for family, address in (("ipv4", machine.ipv4), ("ipv6", machine.ipv6)):
+                if server["public_net"][family] is not None:
+                    server["public_net"][family]["ip"] = address
         return {"server": server, "action": action, "next_actions": next_actions, "root_password": None}
 
     def _delete_server(self, ident: str) -> Json:
