@@ -59,7 +59,15 @@ class RelaySettings:
 def readiness_script(exit_node_ip: str) -> str:
     """A POSIX sh + awk check, true only while tailscaled is Running and the
     peer at `exit_node_ip` is the selected exit node, is online, and may be an
-    exit node (its exit routes are approved).
+    exit node (its exit routes are approved), and then only once the exit
+    node answers a disco ping: a path to it exists.
+
+    The control plane says "online" seconds before there is a path: with the
+    relay's egress pinned, DERP is out of reach and magicsock finds the
+    direct path only when something is sent; the default stack's first
+    request after `up` (make verify's) timed out in that gap. The ping opens
+    the path (directly or through DERP where DERP is reachable) before the
+    Service sends anything.
 
     It reads `tailscale status --json` (pretty-printed with two-space indents:
     peers at depth 4, their fields at depth 6).
@@ -75,7 +83,11 @@ def readiness_script(exit_node_ip: str) -> str:
         "/^    \\},?$/ { if (exit_node && option && online && ip) ok = 1 } "
         "END { exit !(running && ok) }"
     )
-    return f"tailscale --socket={SOCKET} status --json | awk -v want={shlex.quote(ip)} {shlex.quote(awk)}"
+    status = f"tailscale --socket={SOCKET} status --json | awk -v want={shlex.quote(ip)} {shlex.quote(awk)}"
+    # One ping, any path (--until-direct=false: DERP's answer counts where it
+    # is reachable); 2 s, within the probe's timeout with the status.
+    ping = f"tailscale --socket={SOCKET} ping -c 1 --timeout=2s --until-direct=false {shlex.quote(ip)} >/dev/null"
+    return f"{status} && {ping}"
 
 
 def relay_environment(s: RelaySettings) -> list[Manifest]:

@@ -125,9 +125,12 @@ def bystander(**fields: bool) -> dict[str, Any]:
     return peer("someone-elses-exit", OTHER_PEER_IP, **values)
 
 
-def run_probe(tmp_path: Path, probe: Probe, document: dict[str, Any] | None, cli_exit: int = 0) -> bool:
+def run_probe(
+    tmp_path: Path, probe: Probe, document: dict[str, Any] | None, cli_exit: int = 0, ping_exit: int = 0
+) -> bool:
     """Run the probe with `tailscale` answering `status --json` with `document`
-    (or failing, as the CLI does while tailscaled is down). True when Ready."""
+    (or failing, as the CLI does while tailscaled is down), and a ping of the
+    exit node with `ping_exit` (1: "no reply", no path yet). True when Ready."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     payload = tmp_path / "status.json"
@@ -136,7 +139,11 @@ def run_probe(tmp_path: Path, probe: Probe, document: dict[str, Any] | None, cli
     cli.write_text(
         "#!/bin/sh\n"
         # Only the call the probe is meant to make is answered.
-        'case "$*" in *" status --json") ;; *) echo "unexpected: $*" >&2; exit 64 ;; esac\n'
+        'case "$*" in\n'
+        '  *" status --json") ;;\n'
+        f'  *" ping -c 1 --timeout=2s --until-direct=false {probe.exit_node_ip}") exit {ping_exit} ;;\n'
+        '  *) echo "unexpected: $*" >&2; exit 64 ;;\n'
+        "esac\n"
         f"cat {shlex.quote(str(payload))}\n"
         f"exit {cli_exit}\n"
     )
@@ -193,6 +200,13 @@ NOT_READY: dict[str, Document] = {
 @pytest.mark.parametrize("case", sorted(NOT_READY))
 def test_not_ready(tmp_path: Path, probe: Probe, case: str) -> None:
     assert not run_probe(tmp_path, probe, NOT_READY[case](probe.exit_node_ip))
+
+
+def test_not_ready_until_the_exit_node_answers_a_ping(tmp_path: Path, probe: Probe) -> None:
+    # Online, selected and approved by the control plane's word, but no path
+    # yet (the default stack's first seconds): not Ready.
+    ip = probe.exit_node_ip
+    assert not run_probe(tmp_path, probe, status(ip, peers=[exit_peer(ip)]), ping_exit=1)
 
 
 def test_not_ready_when_tailscaled_does_not_answer(tmp_path: Path, probe: Probe) -> None:
