@@ -435,27 +435,74 @@ def netpol_to_iptables(policies: Sequence[Mapping[str, Any]]) -> dict[int, list[
     return rules
 
 
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def issue_cert(ca_dir: Path, out: Path, name: str, san: str) -> None:
+    """`out`/<name>.crt and .key for `san`, signed by the CA in `ca_dir` (ca.crt, ca.key)."""
+    key, csr, crt, ext = (out / f"{name}.{s}" for s in ("key", "csr", "crt", "ext"))
+    ext.write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n")
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_dir / "ca.crt"),
+        "-CAkey",
+        str(ca_dir / "ca.key"),
+        "-CAcreateserial",
+        "-CAserial",
+        str(out / "ca.srl"),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(crt),
+    )
+
+
 class Topology:
-    def __init__(self, workdir: Path, bin_dir: Path, run_id: str | None = None) -> None:
+    def __init__(self, workdir: Path, bin_dir: Path, run_id: str | None = None, attach: bool = False) -> None:
+        """`attach`: the topology of `run_id` that another process created and
+        runs (the cluster's): its namespaces and files, nothing copied again
+        (its binaries are running)."""
         # A run_id that is not "<pid>x<hex>" (the cluster's) is never reaped
         # by reap_stale: it outlives the process that created it.
         self.run_id = run_id or f"{os.getpid()}x{secrets.token_hex(2)}"
         self.prefix = f"{NS_TAG}{self.run_id}-"
         self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.workdir, 0o755)
-        # Copy the binaries where the unprivileged relay user can execute them.
+        # Copies of the binaries where the unprivileged relay user can execute
+        # them, and what the relay sees at /usr/local/bin (start_relay).
         self.bin = self.workdir / "bin"
-        self.bin.mkdir(exist_ok=True)
-        for name in BIN_NAMES:
-            shutil.copy2(bin_dir / name, self.bin / name)
-        os.chmod(self.bin, 0o755)
-        # What the relay sees at /usr/local/bin (bind-mounted, see start_relay).
         self.image_bin = self.workdir / "image-bin"
-        self.image_bin.mkdir(exist_ok=True)
-        for name in ("tailscaled", "tailscale", "containerboot"):
-            shutil.copy2(bin_dir / name, self.image_bin / name)
-        os.chmod(self.image_bin, 0o755)
+        if not attach:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.workdir, 0o755)
+            self.bin.mkdir(exist_ok=True)
+            for name in BIN_NAMES:
+                shutil.copy2(bin_dir / name, self.bin / name)
+            os.chmod(self.bin, 0o755)
+            self.image_bin.mkdir(exist_ok=True)
+            for name in ("tailscaled", "tailscale", "containerboot"):
+                shutil.copy2(bin_dir / name, self.image_bin / name)
+            os.chmod(self.image_bin, 0o755)
         self.procs: dict[str, Proc] = {}
         self.namespaces: list[str] = []
         self.ca_cert = self.workdir / "ca.crt"
@@ -602,45 +649,7 @@ class Topology:
             ("internet", f"DNS:{ECHO_NAME},IP:{INTERNET_IP}"),
             ("lan", f"IP:{LAN_IP}"),
         ):
-            ext = d / f"{name}.ext"
-            ext.write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n")
-            self._host(
-                [
-                    *ossl,
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-subj",
-                    f"/CN={name}",
-                    "-keyout",
-                    str(d / f"{name}.key"),
-                    "-out",
-                    str(d / f"{name}.csr"),
-                ]
-            )
-            self._host(
-                [
-                    *ossl,
-                    "x509",
-                    "-req",
-                    "-in",
-                    str(d / f"{name}.csr"),
-                    "-CA",
-                    str(self.ca_cert),
-                    "-CAkey",
-                    str(d / "ca.key"),
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    str(ext),
-                    "-out",
-                    str(d / f"{name}.crt"),
-                ]
-            )
+            issue_cert(d, d, name, san)
         # A CA bundle that trusts the test CA: bind-mounted as the relay's
         # /etc/ssl (like the image's bundle), SSL_CERT_FILE for the exit node.
         bundle = d / "ssl" / "certs" / "ca-certificates.crt"

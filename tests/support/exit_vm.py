@@ -45,6 +45,7 @@ from tests.datapath.topology import (
     Proc,
     Topology,
     TopologyError,
+    issue_cert,
     wait_for,
 )
 from tests.support.hetzner_api import PublicNet
@@ -122,49 +123,6 @@ def builds_one_at_a_time() -> Iterator[None]:
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-def issue_cert(ca_dir: Path, out: Path, name: str, san: str) -> None:
-    """`out`/<name>.crt and .key for `san`, signed by the boot test CA."""
-    key, csr, crt, ext = (out / f"{name}.{s}" for s in ("key", "csr", "crt", "ext"))
-    ext.write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n")
-    _openssl(
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-subj",
-        f"/CN={name}",
-        "-keyout",
-        str(key),
-        "-out",
-        str(csr),
-    )
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        str(csr),
-        "-CA",
-        str(ca_dir / "ca.crt"),
-        "-CAkey",
-        str(ca_dir / "ca.key"),
-        "-CAcreateserial",
-        "-CAserial",
-        str(out / "ca.srl"),
-        "-days",
-        "2",
-        "-extfile",
-        str(ext),
-        "-out",
-        str(crt),
-    )
 
 
 def trust_boot_ca(topo: Topology) -> None:
