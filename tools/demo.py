@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import importlib.metadata
 import json
 import os
 import shlex
@@ -37,11 +39,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import urllib3
+import yaml
 
 from builders.proxy_env import PROXY_CONFIGMAP
 from builders.relay import HTTP_PROXY_PORT
 from tests.datapath.topology import EXIT_PUBLIC_IP, LAN_IP, TopologyError
+from tests.stacks import dev_config
 from tests.support.apiserver import bin_dir
+from tests.support.clouds import SECRET_KEYS as CLOUD_SECRET_KEYS
+from tests.support.clouds import Clouds
 from tests.support.cluster_env import (
     BUILD,
     CONTEXT,
@@ -59,14 +65,25 @@ from tests.support.deployment import (
     PROTECTED_LABELS,
     RELAY_NS,
     DeployError,
+    Probe,
     deploy,
     namespace_labels,
+    pod,
+    running_pod,
     verify_config,
 )
 from tests.support.engine import Engine
+from tests.support.headscale import HeadscaleCLI
 from tools.verify import exit_code, format_table, run_verify
 
 STACK = "demo"
+# make demo-default: the stack file users start from, as shipped.
+DEFAULT_STACK = "dev"
+DEFAULT_STACK_CONTEXT = "rancher-desktop"  # Pulumi.dev.yaml's cluster.context
+DEFAULT_PROTECTED = "default"  # Pulumi.dev.yaml's protectedNamespaces
+DEFAULT_RELAY_NS = "tailscale-egress"  # the program's default cluster.relayNamespace
+DEFAULT_KUBECONFIG = BUILD / "default-kubeconfig"
+DEFAULT_PULUMI_STATE = BUILD / "default-pulumi"
 STATE = BUILD / "demo.json"  # written once the stack is deployed: what demo-down and a second demo read
 PULUMI_STATE = BUILD / f"{STACK}-pulumi"
 # The README's walk-through ("Deploy your stack"), by its step numbers: the
@@ -160,18 +177,137 @@ def up() -> int:
     print(f"deployed in {d.timings['pulumi up']} s; relay in {RELAY_NS}, protected namespace {PROTECTED}")
     step(5, "make verify")
     code = verify()
-    step(
-        6, f"the pod {PROTECTED}/workload, with envFrom configMapRef {PROXY_CONFIGMAP}, fetches http://{INTERNET_IP}/ip"
-    )
-    r = d.workload("http", f"http://{INTERNET_IP}/ip", '-proxy "$HTTP_PROXY"', timeout="15s")
-    seen = str(r.get("body", "")).strip()
-    if r.get("ok") and seen == EXIT_PUBLIC_IP:
-        print(f"  the internet saw it come from {seen}: the exit node's address")
-    else:
-        print(f"  FAILED: expected the exit node's address {EXIT_PUBLIC_IP}: {r}")
+    if not fetch_from_workload(d.workload, [EXIT_PUBLIC_IP], "the exit node's address"):
         code = code or 1
     print(look_around())
     return code
+
+
+def fetch_from_workload(workload: Probe, exit_ips: Sequence[str], whose: str) -> bool:
+    """README step 6: the workload pod (envFrom the proxy ConfigMap) fetches
+    through $HTTP_PROXY; True when the internet saw one of `exit_ips`."""
+    step(
+        6,
+        f"the pod {workload.ns}/{workload.name}, with envFrom configMapRef {PROXY_CONFIGMAP},"
+        f" fetches http://{INTERNET_IP}/ip",
+    )
+    r = workload("http", f"http://{INTERNET_IP}/ip", '-proxy "$HTTP_PROXY"', timeout="15s")
+    seen = str(r.get("body", "")).strip()
+    if r.get("ok") and seen in exit_ips:
+        print(f"  the internet saw it come from {seen}: {whose}")
+        return True
+    print(f"  FAILED: expected the exit node's address {', '.join(exit_ips)}: {r}")
+    return False
+
+
+def default_kubeconfig(cluster: Cluster) -> Path:
+    """The cluster's kubeconfig with its context named as Pulumi.dev.yaml names
+    it (`rancher-desktop`), so that the stack file is used as shipped."""
+    config = yaml.safe_load(cluster.kubeconfig.read_text())
+    for context in config["contexts"]:
+        if context["name"] == CONTEXT:
+            context["name"] = DEFAULT_STACK_CONTEXT
+    config["current-context"] = DEFAULT_STACK_CONTEXT
+    DEFAULT_KUBECONFIG.write_text(yaml.safe_dump(config))
+    DEFAULT_KUBECONFIG.chmod(0o600)
+    return DEFAULT_KUBECONFIG
+
+
+def default_engine() -> Engine:
+    """The default stack's engine: the hcloud provider built here and the
+    Tailscale provider's stand-in (tests/support/engine.py says why)."""
+    engine = Engine(DEFAULT_PULUMI_STATE).setup()
+    # The program runs in this process (the engine's inline program): both.
+    engine.env["KUBECONFIG"] = os.environ["KUBECONFIG"] = str(DEFAULT_KUBECONFIG)
+    for name in ("hcloud", "tailscale"):
+        engine.install_plugin(name, importlib.metadata.version(f"pulumi-{name}"), bin_dir() / f"pulumi-resource-{name}")
+    return engine
+
+
+def up_default() -> int:
+    """The default stack: Pulumi.dev.yaml as shipped, only the credentials and
+    endpoints of the emulated Hetzner and Tailscale set; its exit node a VM
+    booting the user_data the hcloud provider sent."""
+    check_machine()
+    cluster = Cluster()
+    if cluster.is_up() and not cluster.state.tailnet.get("hosted"):
+        raise DemoError("the cluster-only demo (or make cluster-up) is running: `sudo make demo-down` first")
+    if STATE.exists() and cluster.is_up():
+        print(f"the demo is already running (stack {DEFAULT_STACK!r}); checking it again")
+        code = verify_default(json.loads(STATE.read_text())["exit_ips"])
+        print(look_around_default())
+        return code
+    for tool in ("pulumi", "pulumi-resource-kubernetes", "pulumi-resource-hcloud", "pulumi-resource-tailscale"):
+        if not (bin_dir() / tool).exists():
+            raise DemoError(f"{bin_dir() / tool} is not built: run `make engine-bins` (make demo-default does)")
+    if missing_artifacts(cluster.bin):
+        print("building the cluster's programs and images (minutes the first time, then reused)", flush=True)
+        build_all()
+    t = time.monotonic()
+    if not cluster.is_up():
+        cluster.up(hosted=True)
+    print(cluster.describe())
+    print(f"\ncluster up in {time.monotonic() - t:.0f} s", flush=True)
+    clouds = Clouds.load(BUILD)
+    step(1, f"the stack {DEFAULT_STACK!r}: Pulumi.dev.yaml as shipped, in a file backend of its own")
+    print(
+        "README steps 2 and 3 are this machine's: the Hetzner token and the Tailscale API key are the emulated"
+        " APIs' (set with --secret), and the emulated tailnet holds the policy step 3 asks for"
+    )
+    os.environ["PATH"] = f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"  # the preflight's kubectl
+    default_kubeconfig(cluster)
+    engine = default_engine()
+    stack = engine.stack(DEFAULT_STACK, {**dev_config(), **clouds.stack_config()}, secret_keys=CLOUD_SECRET_KEYS)
+    step(4, "pulumi up through the real engine: the Hetzner server boots the exit node's VM (minutes under QEMU)")
+    output: list[str] = []
+    t = time.monotonic()
+    try:
+        result = stack.up(on_output=output.append, color="never")
+    except Exception as e:  # noqa: BLE001  (the engine's own error: say it, leave everything for a look)
+        raise DemoError("".join(output[-40:]) + f"\npulumi up failed: {e}") from None
+    exit_ips = [ip for ip in result.outputs["exitNodePublicIps"].value if ":" not in ip]
+    STATE.write_text(json.dumps({"stack": DEFAULT_STACK, "default": True, "exit_ips": exit_ips}) + "\n")
+    print(f"deployed in {time.monotonic() - t:.0f} s; the exit node's public address {', '.join(exit_ips)}")
+    step(5, "make verify")
+    code = verify_default(exit_ips)
+    workload = pod("workload", DEFAULT_PROTECTED, "exec sleep 3600")
+    workload["spec"]["containers"][0]["envFrom"] = [{"configMapRef": {"name": PROXY_CONFIGMAP}}]
+    running_pod(cluster._api(), workload)
+    if not fetch_from_workload(Probe(DEFAULT_PROTECTED, "workload"), exit_ips, "the exit node VM's address"):
+        code = code or 1
+    print(look_around_default())
+    return code
+
+
+def verify_default(exit_ips: list[str]) -> int:
+    print("\nmake verify, from a short-lived probe pod in each protected namespace:", flush=True)
+    config = dataclasses.replace(
+        verify_config(),
+        namespaces=(DEFAULT_PROTECTED,),
+        relay_namespace=DEFAULT_RELAY_NS,
+        expected_exit_ips=tuple(exit_ips),
+        kubeconfig=str(DEFAULT_KUBECONFIG),
+        context=DEFAULT_STACK_CONTEXT,
+    )
+    results = run_verify(config)
+    print(format_table(results))
+    return exit_code(results)
+
+
+def look_around_default() -> str:
+    kubectl = f"{bin_dir() / 'kubectl'} --kubeconfig {DEFAULT_KUBECONFIG}"
+    return "\n".join(
+        [
+            "",
+            "Look around:",
+            f"  {kubectl} get pods -A",
+            f"  {kubectl} get networkpolicies -n {DEFAULT_PROTECTED} -o yaml",
+            f"  the emulated clouds' endpoints and credentials: {BUILD / 'clouds.json'}",
+            f"  the exit node VM's console: {BUILD / 'topology' / 'vm'}/*/console.log",
+            "",
+            "Remove it all: sudo make demo-down (README step 7: pulumi destroy powers the VM off, then the cluster)",
+        ]
+    )
 
 
 def destroy_stack(cluster: Cluster, labels_before: dict[str, str]) -> int:
@@ -194,15 +330,47 @@ def destroy_stack(cluster: Cluster, labels_before: dict[str, str]) -> int:
     return 1
 
 
+def destroy_default() -> int:
+    """README step 7 of the default stack: `pulumi destroy`, which presses the VM's power button."""
+    step(7, f"pulumi destroy of the stack {DEFAULT_STACK!r}")
+    os.environ["PATH"] = f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}"
+    output: list[str] = []
+    try:
+        default_engine().select(DEFAULT_STACK).destroy(on_output=output.append, color="never")
+    except Exception as e:  # noqa: BLE001  (the cluster comes down anyway: say why, then go on)
+        print("".join(output[-30:]) + f"\n  FAILED: {e}")
+        return 1
+    # What a user checks in the admin console: no device of the stack is left in the tailnet.
+    cluster = Cluster()
+    headscale = HeadscaleCLI(cluster.bin / "headscale", Path(cluster.state.tailnet["headscale_config"]))
+    left = [n.get("given_name") or n.get("name") for n in headscale.cli("nodes", "list") or []]
+    if left:
+        print(f"  FAILED: devices left in the tailnet: {left}")
+        return 1
+    # The emulated Hetzner pressed the power button before deleting the server.
+    consoles = sorted((BUILD / "topology" / "vm").glob("*/console.log"))
+    off = [c.parent.name for c in consoles if "reboot: Power down" in c.read_text(errors="replace")]
+    if not consoles or len(off) != len(consoles):
+        print(f"  FAILED: not every exit node VM powered off cleanly: {off} of {[c.parent.name for c in consoles]}")
+        return 1
+    print(f"  the exit node VM powered off (ACPI, {', '.join(off)}) and was deleted, the relay removed:")
+    print("  no device left in the tailnet")
+    return 0
+
+
 def down() -> int:
     check_machine()
     cluster = Cluster()
     code = 0
     if STATE.exists() and cluster.is_up():
-        code = destroy_stack(cluster, json.loads(STATE.read_text()).get("labels", PROTECTED_LABELS))
+        state = json.loads(STATE.read_text())
+        code = (
+            destroy_default() if state.get("default") else destroy_stack(cluster, state.get("labels", PROTECTED_LABELS))
+        )
     cluster.down()
     STATE.unlink(missing_ok=True)
     shutil.rmtree(PULUMI_STATE, ignore_errors=True)
+    shutil.rmtree(DEFAULT_PULUMI_STATE, ignore_errors=True)
     print("demo down: the cluster, headscale, the exit node and the topology's namespaces are gone, with their state")
     return code
 
@@ -210,6 +378,11 @@ def down() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("check", "up", "down"), help="check: only whether this machine can run it")
+    ap.add_argument(
+        "--default-stack",
+        action="store_true",
+        help="up: the default stack (Pulumi.dev.yaml, its exit node a VM), not the cluster-only one",
+    )
     a = ap.parse_args(argv)
     urllib3.disable_warnings()
     try:
@@ -217,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_machine()
             return 0
         with machine_lock():
-            return up() if a.command == "up" else down()
+            if a.command == "down":
+                return down()
+            return up_default() if a.default_stack else up()
     except DemoError as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2

@@ -57,6 +57,7 @@ import yaml
 
 from tests.datapath.stack_tailnet import EXIT_TAG, LAPTOP_LINK, RELAY_TAG, apply_guard, stack_policy_for_headscale
 from tests.datapath.topology import (
+    CONTROL_IP,
     ECHO_NAME,
     EXIT_PUBLIC_IP,
     LINKS,
@@ -89,6 +90,11 @@ INTERNET_IP = LINKS["internet"][1]
 LAN_IP = LINKS["lan"][1]
 LAPTOP_ROLE = "laptop"  # a member's device on the tailnet (--tailnet)
 LAPTOP_SERVICE_PORT = 8022  # an HTTP server at its tailnet address
+# --hosted: Headscale's address as the hosted control plane's, in Tailscale's
+# published range (builders/networks.py), and the apt servers' namespace.
+HOSTED_CONTROL_IP = "192.200.0.10"
+APT_ROLE = "pkgs"
+EXIT_NODE_IMAGE = "debian-12"  # the program's default (config.py)
 
 K8S_BINS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy")
 CLUSTER_BINS = ("kube-router", "coredns", "probe", "pause")
@@ -543,6 +549,7 @@ class Cluster:
         self.kubeconfig = build / "kubeconfig"
         self.host_dns_log = build / "host-dns-queries.jsonl"
         self.topo: Topology | None = None
+        self.hosted = False
         self.api: Api | None = None
         self.timings: dict[str, float] = {}
 
@@ -603,7 +610,15 @@ class Cluster:
     def is_up(self) -> bool:
         return bool(self.state.holder) and _alive(self.state.holder) and self.kubeconfig.exists()
 
-    def up(self, tailnet: bool = False) -> None:
+    def up(self, tailnet: bool = False, hosted: bool = False) -> None:
+        """`tailnet`: Headscale, a netns exit node and a member's laptop (the
+        cluster-only stack's). `hosted`: the default stack's world instead:
+        Headscale as Tailscale's hosted control plane, and the emulated
+        Hetzner and Tailscale APIs (tests/support/clouds.py), whose servers
+        are exit-node VMs booted on this topology."""
+        if tailnet and hosted:
+            raise ClusterError("a cluster is up with --tailnet or with --hosted, not both")
+        self.hosted = hosted
         missing = missing_prerequisites() + [f"missing {m}" for m in missing_artifacts(self.bin)]
         if missing:
             raise ClusterError("cannot start the cluster:\n  " + "\n  ".join(missing))
@@ -625,6 +640,8 @@ class Cluster:
             self._up_addons()
             if tailnet:
                 self._up_tailnet()
+            if hosted:
+                self._up_hosted()
         except BaseException:
             if os.environ.get("TSE_CLUSTER_KEEP_ON_FAILURE"):
                 print("cluster-up failed: left running for a look (make cluster-down removes it)", file=sys.stderr)
@@ -642,10 +659,28 @@ class Cluster:
         topo = Topology(self.build / "topology", self.bin, run_id=RUN_ID)
         self.topo = topo
         # Recorded before create(): a half-created topology is still removed by down().
-        self.state.namespaces = [topo.ns(r) for r in (ROUTER, *LINKS, NODE_ROLE)]
+        hosted_roles = (APT_ROLE,) if self.hosted else ()
+        self.state.namespaces = [topo.ns(r) for r in (ROUTER, *LINKS, NODE_ROLE, *hosted_roles)]
         self.state.save(self.state_file)
         topo.create()
         topo.add_leaf(NODE_ROLE, NODE_SUBNET, NODE_IP)
+        records = [f"{ECHO_NAME}={INTERNET_IP}"]
+        if self.hosted:
+            # Only here: the boot images' and the VMs' modules are not the plain cluster's.
+            from tests.support.exit_vm import CONTROL_NAME, PKGS_LINK, load_boot_image, trust_boot_ca
+
+            # Before any server starts: every certificate from the CA the exit
+            # node's image trusts, the apt servers' link.
+            load_boot_image(EXIT_NODE_IMAGE)  # its keys: the CA
+            trust_boot_ca(topo)
+            topo.add_leaf(APT_ROLE, *PKGS_LINK)
+            # Headscale answers as controlplane.tailscale.com at an address in
+            # Tailscale's published range (what the relay's policy allows by
+            # default): the router forwards that address to Headscale's.
+            records.append(f"{CONTROL_NAME}={HOSTED_CONTROL_IP}")
+            for proto, port in (("tcp", "443"), ("tcp", "80"), ("udp", "3478")):
+                dnat = f"-t nat -A PREROUTING -d {HOSTED_CONTROL_IP} -p {proto} --dport {port} -j DNAT"
+                topo.run(ROUTER, ["iptables", *dnat.split(), "--to-destination", CONTROL_IP])
         for role in ("internet", "lan"):
             p = topo.start_echo(role)
             self.state.pids[f"echo-{role}"] = p.pid
@@ -658,7 +693,7 @@ class Cluster:
                 "-m",
                 "tests.support.host_dns",
                 f"--addr={NODE_GATEWAY}",
-                f"--record={ECHO_NAME}={INTERNET_IP}",
+                *(f"--record={r}" for r in records),
                 f"--log={self.host_dns_log}",
             ],
             env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -1110,6 +1145,12 @@ oom_score = 0
             "headscale_policy": str(topo.hs_policy_path),
         }
         self.state.save(self.state_file)
+        self._import_relay_image(topo)
+        self._phase("tailnet+relay-image", t)
+
+    def _import_relay_image(self, topo: Topology) -> None:
+        """The relay image re-imported with the topology's CA in its bundle
+        (Headscale's certificate is signed by it; the rendered pod is used unchanged)."""
         work = self.build / "relay-image"
         oci = work / "oci"
         oci.mkdir(parents=True)
@@ -1127,7 +1168,38 @@ oom_score = 0
         _run(["tar", "-C", str(oci), "-cf", str(work / "tailscale.tar"), "."])
         sock = self.build / "containerd" / "containerd.sock"
         self.node_run(["ctr", "--address", str(sock), "-n", "k8s.io", "images", "import", str(work / "tailscale.tar")])
-        self._phase("tailnet+relay-image", t)
+
+    def _up_hosted(self) -> None:
+        """Headscale as the hosted control plane (its policy in its database,
+        written through the emulated Tailscale API), the relay image, and the
+        emulated clouds' process: its endpoints in clouds.json."""
+        from tests.support.clouds import CLOUDS_FILE
+        from tests.support.exit_vm import CONTROL_NAME
+
+        t = time.monotonic()
+        topo = self.topo
+        if topo is None:
+            raise ClusterError("the topology is not up")
+        topo.hs_policy_in_database = True
+        self.state.pids["headscale"] = topo.start_control().pid
+        self.state.tailnet = {
+            "hosted": "true",
+            "control_plane": f"https://{CONTROL_NAME} at {HOSTED_CONTROL_IP} (Headscale, {CONTROL_IP})",
+            "ca": str(topo.ca_cert),
+            "headscale_config": str(topo.hs_config),
+        }
+        self.state.save(self.state_file)
+        self._import_relay_image(topo)
+        self.spawn(
+            "clouds",
+            [sys.executable, "-m", "tests.support.clouds", f"--build={self.build}", f"--run-id={RUN_ID}"],
+            in_node=False,
+            env={"PYTHONPATH": str(REPO)},
+        )
+        self.wait("the emulated clouds", (self.build / CLOUDS_FILE).exists, 60, proc="clouds")
+        self.state.tailnet["clouds"] = str(self.build / CLOUDS_FILE)
+        self.state.save(self.state_file)
+        self._phase("hosted+relay-image", t)
 
     def tailscale_tag(self) -> str:
         for line in (self.images / "IMAGES").read_text().splitlines():
@@ -1348,6 +1420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("up", help="build or reuse, start, print what runs where")
     up.add_argument("--no-build", action="store_true", help="do not run the build scripts")
     up.add_argument("--tailnet", action="store_true", help="also start headscale and the exit node")
+    up.add_argument(
+        "--hosted",
+        action="store_true",
+        help="the default stack's: headscale as the hosted control plane, the emulated Hetzner and Tailscale APIs",
+    )
     sub.add_parser("down", help="stop everything `up` started and remove its state")
     sub.add_parser("status")
     fw = sub.add_parser("forward", help=argparse.SUPPRESS)
@@ -1363,7 +1440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = time.monotonic()
             build_all()
             print(f"build: {time.monotonic() - t:.0f} s")
-        c.up(tailnet=a.tailnet)
+        c.up(tailnet=a.tailnet, hosted=a.hosted)
         print(c.describe())
     elif a.cmd == "down":
         c.down()
