@@ -60,14 +60,16 @@ def readiness_script(exit_node_ip: str) -> str:
     """A POSIX sh + awk check, true only while tailscaled is Running and the
     peer at `exit_node_ip` is the selected exit node, is online, and may be an
     exit node (its exit routes are approved), and then only once the exit
-    node answers a disco ping: a path to it exists.
+    node answers a TSMP ping: a WireGuard session with it works.
 
-    The control plane says "online" seconds before there is a path: with the
-    relay's egress pinned, DERP is out of reach and magicsock finds the
-    direct path only when something is sent; the default stack's first
-    request after `up` (make verify's) timed out in that gap. The ping opens
-    the path (directly or through DERP where DERP is reachable) before the
-    Service sends anything.
+    The control plane says "online" seconds before traffic can flow: with the
+    relay's egress pinned, DERP is out of reach, magicsock finds the direct
+    path and WireGuard does its handshake only when something is sent, and
+    the default stack's first request after `up` (make verify's SOCKS5 one,
+    whose dial gives up after 5 s) failed in that gap. A TSMP ping travels
+    inside WireGuard and is answered by the exit node's tailscaled before
+    its packet filter, so it opens the path and the session (directly, or
+    through DERP where DERP is reachable) before the Service sends anything.
 
     It reads `tailscale status --json` (pretty-printed with two-space indents:
     peers at depth 4, their fields at depth 6).
@@ -84,9 +86,8 @@ def readiness_script(exit_node_ip: str) -> str:
         "END { exit !(running && ok) }"
     )
     status = f"tailscale --socket={SOCKET} status --json | awk -v want={shlex.quote(ip)} {shlex.quote(awk)}"
-    # One ping, any path (--until-direct=false: DERP's answer counts where it
-    # is reachable); 2 s, within the probe's timeout with the status.
-    ping = f"tailscale --socket={SOCKET} ping -c 1 --timeout=2s --until-direct=false {shlex.quote(ip)} >/dev/null"
+    # One ping, 3 s: within the probe's timeout with the status.
+    ping = f"tailscale --socket={SOCKET} ping --tsmp -c 1 --timeout=3s {shlex.quote(ip)} >/dev/null"
     return f"{status} && {ping}"
 
 

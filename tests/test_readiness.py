@@ -130,7 +130,7 @@ def run_probe(
 ) -> bool:
     """Run the probe with `tailscale` answering `status --json` with `document`
     (or failing, as the CLI does while tailscaled is down), and a ping of the
-    exit node with `ping_exit` (1: "no reply", no path yet). True when Ready."""
+    exit node with `ping_exit` (1: "no reply", no WireGuard session yet). True when Ready."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     payload = tmp_path / "status.json"
@@ -141,7 +141,7 @@ def run_probe(
         # Only the call the probe is meant to make is answered.
         'case "$*" in\n'
         '  *" status --json") ;;\n'
-        f'  *" ping -c 1 --timeout=2s --until-direct=false {probe.exit_node_ip}") exit {ping_exit} ;;\n'
+        f'  *" ping --tsmp -c 1 --timeout=3s {probe.exit_node_ip}") exit {ping_exit} ;;\n'
         '  *) echo "unexpected: $*" >&2; exit 64 ;;\n'
         "esac\n"
         f"cat {shlex.quote(str(payload))}\n"
@@ -203,8 +203,8 @@ def test_not_ready(tmp_path: Path, probe: Probe, case: str) -> None:
 
 
 def test_not_ready_until_the_exit_node_answers_a_ping(tmp_path: Path, probe: Probe) -> None:
-    # Online, selected and approved by the control plane's word, but no path
-    # yet (the default stack's first seconds): not Ready.
+    # Online, selected and approved by the control plane's word, but no
+    # WireGuard session yet (the default stack's first seconds): not Ready.
     ip = probe.exit_node_ip
     assert not run_probe(tmp_path, probe, status(ip, peers=[exit_peer(ip)]), ping_exit=1)
 
