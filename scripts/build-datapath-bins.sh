@@ -4,6 +4,7 @@
 #
 #   tailscale.com     cmd/tailscaled, cmd/tailscale, cmd/containerboot
 #   headscale         cmd/headscale (open control server, sqlite, embedded DERP)
+#   wanlink           the WAN bench's shaped link (scripts/go/wanlink, ours)
 #
 # Idempotent: a binary already built for the pinned version is kept.
 # Output: $TS_EGRESS_CACHE/bin/<name>-<version>/<binary>, plus stable symlinks
@@ -85,6 +86,22 @@ GOMOD
 }
 build_headscale
 
+# wanlink: the repository's own program, rebuilt when any of its sources is newer.
+build_wanlink() {
+    local src out
+    src="$(cd "$(dirname "$0")" && pwd)/go/wanlink"
+    out="$BIN/wanlink-local/wanlink"
+    if [[ -x "$out" && -z $(find "$src" -newer "$out" \( -name '*.go' -o -name go.mod \) -print -quit) ]]; then
+        echo "up to date: $out"
+    else
+        echo "building: wanlink ($src) -> $out"
+        mkdir -p "$(dirname "$out")"
+        (cd "$src" && go build -mod=readonly -o "$out" .) || die "command failed (in $src): go build -o $out ."
+    fi
+    ln -sfn wanlink-local/wanlink "$BIN/wanlink"
+}
+build_wanlink
+
 # Stable paths (symlinks into the versioned directories).
 for cmd in tailscaled tailscale containerboot; do
     ln -sfn "tailscale-$TAILSCALE_VERSION/$cmd" "$BIN/$cmd"
@@ -97,6 +114,6 @@ HEADSCALE_VERSION=$HEADSCALE_VERSION
 VERSIONS
 
 echo "binaries (TAILSCALE_VERSION=$TAILSCALE_VERSION HEADSCALE_VERSION=$HEADSCALE_VERSION):"
-for cmd in tailscaled tailscale containerboot headscale; do
+for cmd in tailscaled tailscale containerboot headscale wanlink; do
     echo "  $BIN/$cmd"
 done

@@ -43,7 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = REPO / "scripts" / "build-datapath-bins.sh"
-BIN_NAMES = ("tailscaled", "tailscale", "containerboot", "headscale")
+BIN_NAMES = ("tailscaled", "tailscale", "containerboot", "headscale", "wanlink")
 NS_TAG = "tse"
 
 ROUTER = "rt"

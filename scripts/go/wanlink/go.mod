@@ -1,0 +1,3 @@
+module tailscale-egress.invalid/wanlink
+
+go 1.26
