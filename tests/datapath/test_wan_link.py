@@ -52,7 +52,7 @@ Linked = Callable[[LinkShape], WanLink]
 
 
 @pytest.fixture
-def linked(bin_dir: Path) -> Iterator[Linked]:
+def linked(bin_dir: Path, tmp_path: Path) -> Iterator[Linked]:
     """Two fresh namespaces, `a` (10.240.0.1) and `b` (10.240.0.2), joined by wanlink with the given shape."""
     names = (A_NS, B_NS)
     links: list[WanLink] = []
@@ -61,7 +61,7 @@ def linked(bin_dir: Path) -> Iterator[Linked]:
         for ns in names:
             subprocess.run(["ip", "netns", "add", ns], check=True)
             subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        link = WanLink(bin_dir / "wanlink", shape, names[0], "wan-a", names[1], "wan-b").start()
+        link = WanLink(bin_dir / "wanlink", shape, names[0], "wan-a", names[1], "wan-b", tmp_path / "shape").start()
         links.append(link)
         for ns, dev, ip in ((names[0], "wan-a", A_IP), (names[1], "wan-b", B_IP)):
             subprocess.run(["ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev], check=True)
@@ -75,13 +75,25 @@ def linked(bin_dir: Path) -> Iterator[Linked]:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
+def handshake_ms() -> float:
+    samples: list[float] = result(measure(A_NS, "rtt", B_IP, 9, 30))["rtt_ms"][1:]  # the first may wait on ARP
+    return statistics.median(samples)
+
+
 @pytest.mark.parametrize("rtt_ms", [10, 40])
 def test_a_round_trip_takes_the_profiles_rtt(linked: Linked, rtt_ms: int) -> None:
     linked(LinkShape(rate_mbit=250, rtt_ms=rtt_ms))
-    samples = result(measure(A_NS, "rtt", B_IP, 9, 30))["rtt_ms"][1:]  # the first one waits on ARP
-    median = statistics.median(samples)
     # A handshake is one round trip; user space adds well under a millisecond on an idle link.
-    assert rtt_ms <= median <= rtt_ms + 1.5, samples
+    assert rtt_ms <= handshake_ms() <= rtt_ms + 1.5
+
+
+def test_a_new_shape_takes_over_without_taking_the_link_down(linked: Linked) -> None:
+    """The bench moves from one profile to the next on the running cluster."""
+    link = linked(LinkShape(rate_mbit=250, rtt_ms=10))
+    assert 10 <= handshake_ms() <= 11.5
+    link.reshape(LinkShape(rate_mbit=250, rtt_ms=40))
+    assert 40 <= handshake_ms() <= 41.5
+    assert link.proc is not None and link.proc.poll() is None
 
 
 @pytest.mark.parametrize("rate_mbit", [50, 250])

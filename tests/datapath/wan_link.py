@@ -26,6 +26,7 @@ class LinkShape:
     reorder_pct: float = 0.0
 
     def args(self) -> list[str]:
+        """wanlink's flags (also the -shape file's content)."""
         return [
             f"-rate={self.rate_mbit:g}mbit",
             f"-delay={self.rtt_ms / 2:g}ms",
@@ -48,17 +49,21 @@ class WanLink:
     """`wanlink` between TAP `a_dev` in namespace `a_ns` and TAP `b_dev` in
     `b_ns`. The program runs in `a_ns`, where it creates both devices and
     attaches to them; `b_dev` then moves to `b_ns` (its file keeps working).
-    The caller addresses the devices and brings them up."""
+    The caller addresses the devices and brings them up. The shape lives in
+    `shape_file`, so that `reshape` changes it without taking the link down."""
 
-    def __init__(self, binary: Path, shape: LinkShape, a_ns: str, a_dev: str, b_ns: str, b_dev: str) -> None:
-        self.binary, self.shape = binary, shape
+    def __init__(
+        self, binary: Path, shape: LinkShape, a_ns: str, a_dev: str, b_ns: str, b_dev: str, shape_file: Path
+    ) -> None:
+        self.binary, self.shape, self.shape_file = binary, shape, shape_file
         self.a_ns, self.a_dev, self.b_ns, self.b_dev = a_ns, a_dev, b_ns, b_dev
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> WanLink:
         for dev in (self.a_dev, self.b_dev):
             _ip(self.a_ns, "tuntap", "add", "dev", dev, "mode", "tap")
-        command = [str(self.binary), "-a", self.a_dev, "-b", self.b_dev, *self.shape.args()]
+        self.shape_file.write_text(" ".join(self.shape.args()) + "\n")
+        command = [str(self.binary), "-a", self.a_dev, "-b", self.b_dev, f"-shape={self.shape_file}"]
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.a_ns, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -69,6 +74,13 @@ class WanLink:
             raise RuntimeError(f"wanlink did not start: {line} {self.proc.stderr.read() if self.proc.stderr else ''}")
         _ip(self.a_ns, "link", "set", self.b_dev, "netns", self.b_ns)
         return self
+
+    def reshape(self, shape: LinkShape) -> None:
+        """The link shaped as `shape` from the next frame on; connections stay up."""
+        assert self.proc is not None, "wanlink is not running"
+        self.shape_file.write_text(" ".join(shape.args()) + "\n")
+        self.proc.send_signal(signal.SIGHUP)
+        self.shape = shape
 
     def stop(self) -> list[dict[str, Any]]:
         """Stops the program; its counters, one dict per direction."""

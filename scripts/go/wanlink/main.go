@@ -7,7 +7,11 @@
 // netem` says "Specified qdisc kind is unknown"), so a delay cannot be made in
 // its kernel.
 //
-//	wanlink -a wanA -b wanB -rate 250mbit -delay 20ms [-loss 0.1] [-reorder 1] [-queue 50ms] [-seed 1]
+//	wanlink -a wanA -b wanB -rate 250mbit -delay 20ms [-loss 0.1] [-reorder 1] [-queue 50ms] [-seed 1] [-shape FILE]
+//
+// With -shape, SIGHUP reshapes the link from FILE, which holds the same
+// flags (e.g. "-rate=50mbit -delay=5ms -loss=0 -reorder=0"): a bench moves
+// from one profile to the next without taking the link down.
 //
 // Both devices must exist in the current network namespace (`ip tuntap add
 // dev wanA mode tap`); they keep working when moved to other namespaces
@@ -89,12 +93,12 @@ type direction struct {
 }
 
 func (d *direction) admit(frame []byte, now time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	if d.shape.lossPercent > 0 && d.rng.Float64()*100 < d.shape.lossPercent {
 		d.Lost.Add(1)
 		return
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	start := now
 	if d.busyUntil.After(now) {
 		start = d.busyUntil
@@ -175,6 +179,12 @@ func (d *direction) write() {
 	}
 }
 
+func (d *direction) reshape(s shape) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.shape = s
+}
+
 func (d *direction) counters() map[string]any {
 	return map[string]any{
 		"direction": d.name, "forwarded": d.Forwarded.Load(), "bytes": d.Bytes.Load(),
@@ -212,46 +222,94 @@ func parseRate(s string) (float64, error) {
 	return strconv.ParseFloat(lower, 64)
 }
 
-func main() {
-	a := flag.String("a", "", "one TAP device")
-	b := flag.String("b", "", "the other TAP device")
-	rate := flag.String("rate", "0", "bottleneck rate each way (tc notation: 250mbit; 0: unlimited)")
-	delay := flag.Duration("delay", 0, "one-way delay (half the round trip)")
-	queueTime := flag.Duration("queue", 50*time.Millisecond, "the bottleneck's queue, in sending time (tbf's latency)")
-	loss := flag.Float64("loss", 0, "percent of frames lost, each way")
-	reorder := flag.Float64("reorder", 0, "percent of frames that skip the delay, each way (netem's reorder)")
-	seed := flag.Uint64("seed", 1, "random seed for loss and reordering")
-	flag.Parse()
+// parseShape reads the shaping flags from args (the command line's, or a -shape file's).
+func parseShape(name string, args []string) (shape, *flag.FlagSet, error) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	rate := fs.String("rate", "0", "bottleneck rate each way (tc notation: 250mbit; 0: unlimited)")
+	delay := fs.Duration("delay", 0, "one-way delay (half the round trip)")
+	queueTime := fs.Duration("queue", 50*time.Millisecond, "the bottleneck's queue, in sending time (tbf's latency)")
+	loss := fs.Float64("loss", 0, "percent of frames lost, each way")
+	reorder := fs.Float64("reorder", 0, "percent of frames that skip the delay, each way (netem's reorder)")
+	fs.String("a", "", "one TAP device")
+	fs.String("b", "", "the other TAP device")
+	fs.Uint64("seed", 1, "random seed for loss and reordering")
+	fs.String("shape", "", "a file of these flags, read again on SIGHUP")
+	if err := fs.Parse(args); err != nil {
+		return shape{}, fs, err
+	}
 	bps, err := parseRate(*rate)
-	if *a == "" || *b == "" || err != nil || bps < 0 || *delay < 0 || *loss < 0 || *loss > 100 || *reorder < 0 || *reorder > 100 {
-		fmt.Fprintln(os.Stderr, "usage: wanlink -a TAP -b TAP [-rate 250mbit] [-delay 20ms] [-queue 50ms] [-loss PCT] [-reorder PCT]")
+	if err != nil || bps < 0 || *delay < 0 || *queueTime <= 0 || *loss < 0 || *loss > 100 || *reorder < 0 || *reorder > 100 {
+		return shape{}, fs, fmt.Errorf("bad shape: -rate=%s -delay=%s -queue=%s -loss=%g -reorder=%g", *rate, *delay, *queueTime, *loss, *reorder)
+	}
+	return shape{bitsPerSecond: bps, delay: *delay, queue: *queueTime, lossPercent: *loss, reorderPct: *reorder}, fs, nil
+}
+
+func main() {
+	s, fs, err := parseShape("wanlink", os.Args[1:])
+	a, b := fs.Lookup("a").Value.String(), fs.Lookup("b").Value.String()
+	shapeFile := fs.Lookup("shape").Value.String()
+	seed, _ := strconv.ParseUint(fs.Lookup("seed").Value.String(), 10, 64)
+	if err != nil || a == "" || b == "" {
+		fmt.Fprintln(os.Stderr, "wanlink:", err)
+		fmt.Fprintln(os.Stderr, "usage: wanlink -a TAP -b TAP [-rate 250mbit] [-delay 20ms] [-queue 50ms] [-loss PCT] [-reorder PCT] [-seed N] [-shape FILE]")
 		os.Exit(2)
 	}
-	s := shape{bitsPerSecond: bps, delay: *delay, queue: *queueTime, lossPercent: *loss, reorderPct: *reorder}
-	tapA, err := openTap(*a)
+	if shapeFile != "" {
+		if s, err = shapeFrom(shapeFile); err != nil {
+			fmt.Fprintln(os.Stderr, "wanlink:", err)
+			os.Exit(2)
+		}
+	}
+	tapA, err := openTap(a)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "wanlink:", err)
 		os.Exit(1)
 	}
-	tapB, err := openTap(*b)
+	tapB, err := openTap(b)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "wanlink:", err)
 		os.Exit(1)
 	}
 	dirs := []*direction{
-		{name: *a + "->" + *b, in: tapA, out: tapB, shape: s, rng: rand.New(rand.NewPCG(*seed, 1)), wake: make(chan struct{}, 1)},
-		{name: *b + "->" + *a, in: tapB, out: tapA, shape: s, rng: rand.New(rand.NewPCG(*seed, 2)), wake: make(chan struct{}, 1)},
+		{name: a + "->" + b, in: tapA, out: tapB, shape: s, rng: rand.New(rand.NewPCG(seed, 1)), wake: make(chan struct{}, 1)},
+		{name: b + "->" + a, in: tapB, out: tapA, shape: s, rng: rand.New(rand.NewPCG(seed, 2)), wake: make(chan struct{}, 1)},
 	}
 	for _, d := range dirs {
 		go d.read()
 		go d.write()
 	}
 	fmt.Println("ready")
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
-	<-stop
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	for sig := range signals {
+		if sig != syscall.SIGHUP {
+			break
+		}
+		next, err := shapeFrom(shapeFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "wanlink: SIGHUP: shape unchanged:", err)
+			continue
+		}
+		for _, d := range dirs {
+			d.reshape(next)
+		}
+		fmt.Fprintf(os.Stderr, "wanlink: reshaped: %+v\n", next)
+	}
 	for _, d := range dirs {
 		line, _ := json.Marshal(d.counters())
 		fmt.Println(string(line))
 	}
+}
+
+// shapeFrom reads the shaping flags from a -shape file.
+func shapeFrom(path string) (shape, error) {
+	if path == "" {
+		return shape{}, fmt.Errorf("no -shape file to read")
+	}
+	text, err := os.ReadFile(path)
+	if err != nil {
+		return shape{}, err
+	}
+	s, _, err := parseShape(path, strings.Fields(string(text)))
+	return s, err
 }
