@@ -2,7 +2,7 @@
 test_wan_link.py (`ip netns exec <ns> python -m tests.datapath.link_probe ...`);
 each prints one JSON object.
 
-    rtt HOST PORT COUNT             TCP handshakes to a closed port (the RST is the answer): ms each
+    connect HOST PORT COUNT         TCP handshakes (accepted, or refused by an RST or a reject): ms and outcome each
     sink PORT SECONDS SKIP          one TCP connection's goodput from SKIP s after its first byte to SECONDS
     send HOST PORT SECONDS          send as fast as TCP allows
     udp-recv PORT COUNT TIMEOUT     datagrams received, and how many overtook their predecessor
@@ -18,20 +18,23 @@ import sys
 import time
 
 
-def rtt(host: str, port: int, count: int) -> dict[str, object]:
-    samples = []
+def connect(host: str, port: int, count: int) -> dict[str, object]:
+    samples, outcomes = [], []
     for _ in range(count):
         s = socket.socket()
         s.settimeout(3)
         t = time.perf_counter()
         try:
             s.connect((host, port))
+            outcomes.append("open")
         except ConnectionRefusedError:
-            samples.append((time.perf_counter() - t) * 1000)
-        finally:
-            s.close()
+            outcomes.append("refused")
+        except OSError:
+            outcomes.append("timeout")
+        samples.append((time.perf_counter() - t) * 1000)
+        s.close()
         time.sleep(0.05)
-    return {"rtt_ms": samples}
+    return {"ms": samples, "outcomes": outcomes}
 
 
 def sink(port: int, seconds: float, skip: float) -> dict[str, object]:
@@ -96,8 +99,8 @@ def udp_send(host: str, port: int, count: int, gap_us: int) -> dict[str, object]
 def main(argv: list[str]) -> None:
     command, args = argv[0], argv[1:]
     match command:
-        case "rtt":
-            result = rtt(args[0], int(args[1]), int(args[2]))
+        case "connect":
+            result = connect(args[0], int(args[1]), int(args[2]))
         case "sink":
             result = sink(int(args[0]), float(args[1]), float(args[2]))
         case "send":

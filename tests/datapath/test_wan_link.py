@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from .topology import INTERNET_IP, RELAY_IP, Topology
 from .wan_link import LinkShape, WanLink
 
 pytestmark = pytest.mark.datapath
@@ -75,8 +76,11 @@ def linked(bin_dir: Path, tmp_path: Path) -> Iterator[Linked]:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-def handshake_ms() -> float:
-    samples: list[float] = result(measure(A_NS, "rtt", B_IP, 9, 30))["rtt_ms"][1:]  # the first may wait on ARP
+def handshake_ms(ns: str = A_NS, host: str = B_IP, port: int = 9, outcome: str = "refused") -> float:
+    """The median time of TCP handshakes from `ns` to host:port (9: closed), each with `outcome`."""
+    got = result(measure(ns, "connect", host, port, 30))
+    assert set(got["outcomes"]) == {outcome}, got
+    samples: list[float] = got["ms"][1:]  # the first may wait on ARP
     return statistics.median(samples)
 
 
@@ -120,3 +124,24 @@ def test_loss_and_reordering_are_the_profiles(linked: Linked) -> None:
     # 1% of 20000: 200, give or take 3 standard deviations (42).
     assert 0.0079 <= lost <= 0.0121, (got, counters)
     assert 0.0079 <= got["early"] / got["received"] <= 0.0121, (got, counters)
+
+
+def test_a_shaped_leaf_keeps_its_addresses_routes_and_the_routers_rules(bin_dir: Path, tmp_path: Path) -> None:
+    """Topology.shape_leaf, as the WAN bench uses it on the cluster's node: the
+    workload's link becomes a 40 ms one; what the router lets it reach (the
+    relay's port) and refuses (the internet) is unchanged; unshape_leaf puts
+    the plain link back."""
+    with Topology(tmp_path / "topo", bin_dir) as topo:
+        topo.create()
+        topo.start_listener("relay", "relay-port", RELAY_IP, 8080)
+        topo.start_echo("internet")
+        topo.restrict_workload([8080])
+        workload = topo.ns("workload")
+        assert handshake_ms(workload, RELAY_IP, 8080, "open") < 5
+        topo.shape_leaf("workload", LinkShape(rate_mbit=250, rtt_ms=40), tmp_path / "shape")
+        assert 40 <= handshake_ms(workload, RELAY_IP, 8080, "open") <= 41.5
+        assert handshake_ms(workload, INTERNET_IP, 80, "refused") >= 40  # the router's REJECT, one RTT away
+        counters = topo.unshape_leaf("workload")
+        assert handshake_ms(workload, RELAY_IP, 8080, "open") < 5
+        handshake_ms(workload, INTERNET_IP, 80, "refused")
+    assert sum(c["forwarded"] for c in counters) > 0, counters

@@ -40,6 +40,8 @@ from typing import Any, Self
 
 import yaml
 
+from .wan_link import LinkShape, WanLink
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = REPO / "scripts" / "build-datapath-bins.sh"
@@ -503,8 +505,11 @@ class Topology:
             for name in ("tailscaled", "tailscale", "containerboot"):
                 shutil.copy2(bin_dir / name, self.image_bin / name)
             os.chmod(self.image_bin, 0o755)
+        self.bin_source = bin_dir
         self.procs: dict[str, Proc] = {}
         self.namespaces: list[str] = []
+        # Leaves whose link shape_leaf replaced: the link, and what unshape_leaf restores.
+        self.shaped: dict[str, tuple[WanLink, list[str], list[str], list[list[str]]]] = {}
         self.ca_cert = self.workdir / "ca.crt"
         self.hs_config = self.workdir / "control" / "config.yaml"
         self.relay_spec: RelaySpec | None = None
@@ -912,6 +917,58 @@ class Topology:
         # Default route to the router only: the router has no default route,
         # so nothing can leave the topology.
         self.run(role, ["ip", "route", "add", "default", "via", gw])
+
+    def _link_addresses(self, role: str, dev: str) -> list[str]:
+        out = self.run(role, ["ip", "-j", "addr", "show", "dev", dev]).stdout
+        return [
+            f"{a['local']}/{a['prefixlen']}"
+            for link in json.loads(out)
+            for a in link.get("addr_info", [])
+            if a.get("scope") == "global"
+        ]
+
+    def _default_routes(self, role: str) -> list[list[str]]:
+        routes = []
+        for family in ("-4", "-6"):
+            for r in json.loads(self.run(role, ["ip", family, "-j", "route", "show", "default"]).stdout):
+                routes.append([family, "route", "add", "default", "via", r["gateway"]])
+        return routes
+
+    def _relink_leaf(self, role: str, router_side: list[str], leaf_side: list[str], routes: list[list[str]]) -> None:
+        for addr in router_side:
+            self.run(ROUTER, ["ip", "addr", "add", addr, "dev", f"v-{role}"])
+        self.run(ROUTER, ["ip", "link", "set", f"v-{role}", "up"])
+        for addr in leaf_side:
+            self.run(role, ["ip", "addr", "add", addr, "dev", "eth0"])
+        self.run(role, ["ip", "link", "set", "eth0", "up"])
+        for route in routes:
+            self.run(role, ["ip", *route])
+
+    def shape_leaf(self, role: str, shape: LinkShape, shape_file: Path) -> WanLink:
+        """The leaf `role`'s link to the router (add_leaf's veth) replaced by
+        `wanlink` shaped as `shape`, with the same names, addresses and
+        default routes, so the router's rules still apply: the WAN bench's
+        laptop link. unshape_leaf puts the veth back."""
+        router_side, leaf_side = self._link_addresses(ROUTER, f"v-{role}"), self._link_addresses(role, "eth0")
+        routes = self._default_routes(role)
+        self.run(ROUTER, ["ip", "link", "del", f"v-{role}"])
+        link = WanLink(self.bin_source / "wanlink", shape, self.ns(ROUTER), f"v-{role}", self.ns(role), f"w-{role}",
+                       shape_file).start()  # fmt: skip
+        self.run(role, ["ip", "link", "set", f"w-{role}", "name", "eth0"])
+        self._relink_leaf(role, router_side, leaf_side, routes)
+        self.shaped[role] = (link, router_side, leaf_side, routes)
+        return link
+
+    def unshape_leaf(self, role: str) -> list[dict[str, Any]]:
+        """The veth of add_leaf back in place of shape_leaf's link; wanlink's counters."""
+        link, router_side, leaf_side, routes = self.shaped.pop(role)
+        counters = link.stop()
+        self.run(ROUTER, ["ip", "link", "del", f"v-{role}"], check=False)
+        self.run(role, ["ip", "link", "del", "eth0"], check=False)
+        peer = ["type", "veth", "peer", "name", "eth0", "netns", self.ns(role)]
+        self._host(["ip", "link", "add", f"v-{role}", "netns", self.ns(ROUTER), *peer])
+        self._relink_leaf(role, router_side, leaf_side, routes)
+        return counters
 
     def ts(self, role: str, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """`tailscale` against the tailscaled of namespace `role` (see start_tailnet_node)."""
