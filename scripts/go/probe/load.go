@@ -162,7 +162,8 @@ func percentile(sorted []float64, p int) float64 {
 	return sorted[max(0, min(i, len(sorted)-1))]
 }
 
-// serve answers HTTPS on addr: /bytes/N with N bytes, anything else with the
+// serve answers HTTPS on addr: /bytes/N with N bytes, POST /sink by reading
+// the body (probe stream's uploads), anything else with the
 // client's address (as the topology's echo server's /ip). HTTP/1.1 only, as
 // the clients speak it. It prints one JSON line once it listens.
 func serve(addr, certFile, keyFile string) error {
@@ -194,6 +195,7 @@ func serve(addr, certFile, keyFile string) error {
 			n -= k
 		}
 	})
+	mux.HandleFunc("/sink", sink)
 	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
 		host, _, _ := net.SplitHostPort(req.RemoteAddr)
 		w.Header().Set("Content-Type", "text/plain")

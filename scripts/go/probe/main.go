@@ -9,6 +9,7 @@
 //	probe ping HOST [-timeout 5s]     (ICMP echo over SOCK_DGRAM: no capability)
 //	probe dns NAME [-server IP:53] [-timeout 5s]
 //	probe load URL [-proxy URL|env] [-cacert FILE] [-clients 1] [-requests 1] [-bytes 0] [-timeout 5s]
+//	probe stream URL [-proxy URL|env] [-cacert FILE] [-direction down|up] [-streams 1] [-seconds 15s] [-skip 3s]
 //	probe serve ADDR -cert FILE -key FILE    (the benchmark's HTTPS server, load.go)
 //
 // -proxy env reads HTTPS_PROXY/HTTP_PROXY/NO_PROXY as Go does, then ALL_PROXY
@@ -66,6 +67,10 @@ func main() {
 	clients := fs.Int("clients", 1, "load: concurrent clients")
 	requests := fs.Int("requests", 1, "load: requests per client, each on a fresh connection")
 	size := fs.Int64("bytes", 0, "load: body size every response must have (0: any)")
+	direction := fs.String("direction", "down", "stream: down (GET) or up (POST)")
+	streams := fs.Int("streams", 1, "stream: concurrent transfers, each on its own connection")
+	seconds := fs.Duration("seconds", 15*time.Second, "stream: how long the transfers run")
+	skip := fs.Duration("skip", 3*time.Second, "stream: the start left out of the rate (slow start)")
 	cert := fs.String("cert", "", "serve: TLS certificate (PEM)")
 	key := fs.String("key", "", "serve: TLS key (PEM)")
 	if err := fs.Parse(os.Args[3:]); err != nil {
@@ -80,6 +85,8 @@ func main() {
 		return
 	case "load":
 		os.Exit(load(target, *proxy, *cacert, *clients, *requests, *size, *timeout))
+	case "stream":
+		os.Exit(stream(target, *proxy, *cacert, *direction, *streams, *seconds, *skip))
 	}
 	r := result{Check: check, Target: target}
 	start := time.Now()
@@ -112,7 +119,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: probe http|tcp|udp|ping|dns|load|serve TARGET [flags] (see the source header)")
+	fmt.Fprintln(os.Stderr, "usage: probe http|tcp|udp|ping|dns|load|stream|serve TARGET [flags] (see the source header)")
 	os.Exit(2)
 }
 
