@@ -277,6 +277,11 @@ bench-default-stack: venv datapath-bins engine-bins boot-images ## time preview,
 	bash scripts/install-test-tools.sh --boot
 	$(PY) devtools/bench_default_stack.py
 
+.PHONY: bench-wan
+bench-wan: venv datapath-bins engine-bins ## the relay against its peers over a WAN-shaped node link in the real cluster: profiles x paths x down/up x 1/8 streams, bootstrap verdicts (Linux, root; about 30 min per profile at 5 runs; BENCH_WAN_ARGS="--profiles 250M-40ms --runs 3")
+	bash scripts/install-test-tools.sh --cluster
+	$(PY) devtools/bench_wan.py $(BENCH_WAN_ARGS)
+
 .PHONY: bench-cluster
 bench-cluster: venv datapath-bins engine-bins ## benchmark the relay pod in the real cluster: direct, userspace and kernel-mode relay, 1/10/100 clients, its memory, where its CPU goes at each number of clients (about 5 min)
 	bash scripts/install-test-tools.sh --cluster
