@@ -100,14 +100,17 @@ build_kube_router() { go_build kube-router kube-router github.com/cloudnativelab
 build_coredns() { go_build coredns coredns github.com/coredns/coredns "$COREDNS_VERSION"; }
 
 build_probe() {
-    local src="$HERE/go/probe" out="$BIN/probe-local/probe"
-    # Rebuilt when any of its sources (every .go file, go.mod) is newer than it.
-    if [[ -x "$out" && -z $(find "$src" -newer "$out" \( -name '*.go' -o -name go.mod \) -print -quit) ]]; then
+    local src="$HERE/go/probe" out="$BIN/probe-local/probe" sum
+    # Rebuilt when its sources differ from the ones it was built from: clones
+    # of other commits share this cache, so a newer file says nothing.
+    sum=$( (cd "$src" && find . \( -name '*.go' -o -name go.mod \) -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16)
+    if [[ -x "$out" && "$(cat "$out.src" 2>/dev/null)" == "$sum" ]]; then
         echo "up to date: $out"
     else
         echo "building: probe ($src) -> $out"
         mkdir -p "$(dirname "$out")"
         (cd "$src" && go build -mod=readonly -o "$out" .) || die "command failed (in $src): go build -o $out ."
+        echo "$sum" > "$out.src"
     fi
     ln -sfn probe-local/probe "$BIN/probe"
 }

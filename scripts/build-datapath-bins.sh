@@ -86,17 +86,20 @@ GOMOD
 }
 build_headscale
 
-# wanlink: the repository's own program, rebuilt when any of its sources is newer.
+# wanlink: the repository's own program, rebuilt when its sources differ from
+# the ones it was built from (clones of other commits share this cache).
 build_wanlink() {
-    local src out
+    local src out sum
     src="$(cd "$(dirname "$0")" && pwd)/go/wanlink"
     out="$BIN/wanlink-local/wanlink"
-    if [[ -x "$out" && -z $(find "$src" -newer "$out" \( -name '*.go' -o -name go.mod \) -print -quit) ]]; then
+    sum=$( (cd "$src" && find . \( -name '*.go' -o -name go.mod \) -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16)
+    if [[ -x "$out" && "$(cat "$out.src" 2>/dev/null)" == "$sum" ]]; then
         echo "up to date: $out"
     else
         echo "building: wanlink ($src) -> $out"
         mkdir -p "$(dirname "$out")"
         (cd "$src" && go build -mod=readonly -o "$out" .) || die "command failed (in $src): go build -o $out ."
+        echo "$sum" > "$out.src"
     fi
     ln -sfn wanlink-local/wanlink "$BIN/wanlink"
 }
