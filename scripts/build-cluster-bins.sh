@@ -99,21 +99,9 @@ go_build() {
 build_kube_router() { go_build kube-router kube-router github.com/cloudnativelabs/kube-router/v2 "$KUBE_ROUTER_VERSION"; }
 build_coredns() { go_build coredns coredns github.com/coredns/coredns "$COREDNS_VERSION"; }
 
-build_probe() {
-    local src="$HERE/go/probe" out="$BIN/probe-local/probe" sum
-    # Rebuilt when its sources differ from the ones it was built from: clones
-    # of other commits share this cache, so a newer file says nothing.
-    sum=$( (cd "$src" && find . \( -name '*.go' -o -name go.mod \) -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16)
-    if [[ -x "$out" && "$(cat "$out.src" 2>/dev/null)" == "$sum" ]]; then
-        echo "up to date: $out"
-    else
-        echo "building: probe ($src) -> $out"
-        mkdir -p "$(dirname "$out")"
-        (cd "$src" && go build -mod=readonly -o "$out" .) || die "command failed (in $src): go build -o $out ."
-        echo "$sum" > "$out.src"
-    fi
-    ln -sfn probe-local/probe "$BIN/probe"
-}
+# shellcheck source=scripts/build-local-go.sh
+source "$HERE/build-local-go.sh"
+build_probe() { build_local_go probe "$HERE/go/probe" "$BIN"; }
 
 build_pause() {
     local dir="$BIN/pause-$KUBERNETES_VERSION" src

@@ -86,24 +86,10 @@ GOMOD
 }
 build_headscale
 
-# wanlink: the repository's own program, rebuilt when its sources differ from
-# the ones it was built from (clones of other commits share this cache).
-build_wanlink() {
-    local src out sum
-    src="$(cd "$(dirname "$0")" && pwd)/go/wanlink"
-    out="$BIN/wanlink-local/wanlink"
-    sum=$( (cd "$src" && find . \( -name '*.go' -o -name go.mod \) -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16)
-    if [[ -x "$out" && "$(cat "$out.src" 2>/dev/null)" == "$sum" ]]; then
-        echo "up to date: $out"
-    else
-        echo "building: wanlink ($src) -> $out"
-        mkdir -p "$(dirname "$out")"
-        (cd "$src" && go build -mod=readonly -o "$out" .) || die "command failed (in $src): go build -o $out ."
-        echo "$sum" > "$out.src"
-    fi
-    ln -sfn wanlink-local/wanlink "$BIN/wanlink"
-}
-build_wanlink
+# wanlink: the repository's own program (scripts/go/wanlink).
+# shellcheck source=scripts/build-local-go.sh
+source "$(dirname "${BASH_SOURCE[0]}")/build-local-go.sh"
+build_local_go wanlink "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/go/wanlink" "$BIN"
 
 # Stable paths (symlinks into the versioned directories).
 for cmd in tailscaled tailscale containerboot; do

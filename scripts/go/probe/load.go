@@ -55,35 +55,20 @@ func load(target, proxy, cacert string, clients, requests int, size int64, timeo
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	tmpl, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "probe load:", err)
-		return 2
-	}
-	tr, via, err := transport(tmpl, proxy, cacert)
+	tmpl, client, via, err := clientFor(ctx, http.MethodGet, target, proxy, cacert)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "probe load:", err)
 		return 2
 	}
 	r.Proxy = via
-	client := &http.Client{Transport: tr}
 
 	var (
 		mu        sync.Mutex
 		latencies []float64
 		wg        sync.WaitGroup
 	)
-	r.Errors = map[string]int{}
-	fail := func(err error) {
-		mu.Lock()
-		defer mu.Unlock()
-		r.Failures++
-		msg := err.Error()
-		if _, seen := r.Errors[msg]; !seen && len(r.Errors) >= maxErrorKinds {
-			msg = "other"
-		}
-		r.Errors[msg]++
-	}
+	var failures tally
+	fail := failures.add
 	one := func() {
 		t := time.Now()
 		n, err := get(client, tmpl.Clone(ctx), size)
@@ -122,15 +107,55 @@ func load(target, proxy, cacert string, clients, requests int, size int64, timeo
 	if len(latencies) > 0 {
 		r.Max = latencies[len(latencies)-1]
 	}
-	if len(r.Errors) == 0 {
-		r.Errors = nil
-	}
+	r.Failures, r.Errors = failures.result()
 	r.OK = r.Failures == 0
 	_ = json.NewEncoder(os.Stdout).Encode(r)
 	if !r.OK {
 		return 1
 	}
 	return 0
+}
+
+// clientFor is the request to clone for each transfer, and a client that
+// sends it through `proxy` (none, env, or a URL) trusting `cacert` too.
+func clientFor(ctx context.Context, method, url, proxy, cacert string) (*http.Request, *http.Client, string, error) {
+	tmpl, err := http.NewRequestWithContext(ctx, method, url, nil)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	tr, via, err := transport(tmpl, proxy, cacert)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	return tmpl, &http.Client{Transport: tr}, via, nil
+}
+
+// tally counts failures by their text: at most maxErrorKinds texts, the rest as "other".
+type tally struct {
+	mu     sync.Mutex
+	count  int
+	errors map[string]int
+}
+
+func (t *tally) add(err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.errors == nil {
+		t.errors = map[string]int{}
+	}
+	t.count++
+	msg := err.Error()
+	if _, seen := t.errors[msg]; !seen && len(t.errors) >= maxErrorKinds {
+		msg = "other"
+	}
+	t.errors[msg]++
+}
+
+// result is the count and the texts (nil when nothing failed).
+func (t *tally) result() (int, map[string]int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.count, t.errors
 }
 
 // get makes one request and reads its body to the end: the bytes read, and an

@@ -48,7 +48,7 @@ func (c counter) Read(p []byte) (int, error) {
 // `seconds`. One JSON line; exit 0 when no stream failed before the end.
 func stream(base, proxy, cacert, direction string, streams int, seconds, skip time.Duration) int {
 	r := streamResult{Check: "stream", Target: base, Direction: direction, Streams: streams,
-		Seconds: seconds.Seconds(), Skip: skip.Seconds(), Errors: map[string]int{}}
+		Seconds: seconds.Seconds(), Skip: skip.Seconds()}
 	if streams < 1 || skip >= seconds || (direction != "down" && direction != "up") {
 		fmt.Fprintln(os.Stderr, "probe stream: -direction down|up, -streams >= 1, -skip < -seconds")
 		return 2
@@ -60,32 +60,18 @@ func stream(base, proxy, cacert, direction string, streams int, seconds, skip ti
 	if direction == "up" {
 		url, method = strings.TrimSuffix(base, "/")+"/sink", http.MethodPost
 	}
-	tmpl, err := http.NewRequestWithContext(ctx, method, url, nil)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "probe stream:", err)
-		return 2
-	}
-	tr, via, err := transport(tmpl, proxy, cacert)
+	tmpl, client, via, err := clientFor(ctx, method, url, proxy, cacert)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "probe stream:", err)
 		return 2
 	}
 	r.Proxy = via
-	client := &http.Client{Transport: tr}
 	var moved atomic.Int64
-	var mu sync.Mutex
+	var failures tally
 	fail := func(err error) {
-		if ctx.Err() != nil {
-			return // the end of the cell, not a failure
+		if ctx.Err() == nil { // after the end of the cell, not a failure
+			failures.add(err)
 		}
-		mu.Lock()
-		defer mu.Unlock()
-		r.Failures++
-		msg := err.Error()
-		if _, seen := r.Errors[msg]; !seen && len(r.Errors) >= maxErrorKinds {
-			msg = "other"
-		}
-		r.Errors[msg]++
 	}
 	chunk := make([]byte, 64<<10)
 	var wg sync.WaitGroup
@@ -129,9 +115,7 @@ func stream(base, proxy, cacert, direction string, streams int, seconds, skip ti
 	r.MbitS = float64(r.Bytes) * 8 / (seconds - skip).Seconds() / 1e6
 	cancel()
 	wg.Wait()
-	if len(r.Errors) == 0 {
-		r.Errors = nil
-	}
+	r.Failures, r.Errors = failures.result()
 	r.OK = r.Failures == 0 && r.Bytes > 0
 	_ = json.NewEncoder(os.Stdout).Encode(r)
 	if !r.OK {
