@@ -57,6 +57,7 @@ import yaml
 
 from tests.datapath.stack_tailnet import EXIT_TAG, LAPTOP_LINK, RELAY_TAG, apply_guard, stack_policy_for_headscale
 from tests.datapath.topology import (
+    BIN_NAMES,
     CONTROL_IP,
     ECHO_NAME,
     EXIT_PUBLIC_IP,
@@ -177,7 +178,9 @@ def missing_prerequisites() -> list[str]:
 
 
 def missing_artifacts(bin_dir: Path) -> list[str]:
-    out = [f"{bin_dir / b}" for b in (*K8S_BINS, *CLUSTER_BINS) if not os.access(bin_dir / b, os.X_OK)]
+    # The topology's programs too (BIN_NAMES): a cache from before one of them (wanlink) is filled in.
+    wanted = (*K8S_BINS, *CLUSTER_BINS, *BIN_NAMES)
+    out = [f"{bin_dir / b}" for b in wanted if not os.access(bin_dir / b, os.X_OK)]
     images = bin_dir.parent / "images"
     out += [f"{images / (i + '.tar')}" for i in IMAGES if not (images / f"{i}.tar").exists()]
     # Images of an older layout (e.g. a relay image without iptables) are rebuilt.
