@@ -907,16 +907,16 @@ class Topology:
         self._add_namespace(role)
         net = ipaddress.ip_network(subnet)
         gw = str(next(net.hosts()))
-        rt_if = f"v-{role}"
-        peer = ["type", "veth", "peer", "name", "eth0", "netns", self.ns(role)]
-        self._host(["ip", "link", "add", rt_if, "netns", self.ns(ROUTER), *peer])
-        self.run(ROUTER, ["ip", "addr", "add", f"{gw}/{net.prefixlen}", "dev", rt_if])
-        self.run(ROUTER, ["ip", "link", "set", rt_if, "up"])
-        self.run(role, ["ip", "addr", "add", f"{leaf}/{net.prefixlen}", "dev", "eth0"])
-        self.run(role, ["ip", "link", "set", "eth0", "up"])
+        self._add_veth(role)
         # Default route to the router only: the router has no default route,
         # so nothing can leave the topology.
-        self.run(role, ["ip", "route", "add", "default", "via", gw])
+        default = ["-4", "route", "add", "default", "via", gw]
+        self._relink_leaf(role, [f"{gw}/{net.prefixlen}"], [f"{leaf}/{net.prefixlen}"], [default])
+
+    def _add_veth(self, role: str) -> None:
+        """The leaf's link: `v-<role>` in the router, `eth0` in the leaf."""
+        peer = ["type", "veth", "peer", "name", "eth0", "netns", self.ns(role)]
+        self._host(["ip", "link", "add", f"v-{role}", "netns", self.ns(ROUTER), *peer])
 
     def _link_addresses(self, role: str, dev: str) -> list[str]:
         out = self.run(role, ["ip", "-j", "addr", "show", "dev", dev]).stdout
@@ -965,8 +965,7 @@ class Topology:
         counters = link.stop()
         self.run(ROUTER, ["ip", "link", "del", f"v-{role}"], check=False)
         self.run(role, ["ip", "link", "del", "eth0"], check=False)
-        peer = ["type", "veth", "peer", "name", "eth0", "netns", self.ns(role)]
-        self._host(["ip", "link", "add", f"v-{role}", "netns", self.ns(ROUTER), *peer])
+        self._add_veth(role)
         self._relink_leaf(role, router_side, leaf_side, routes)
         return counters
 
